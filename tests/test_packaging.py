@@ -1,0 +1,47 @@
+"""The repository's promises about itself: environment.yml and pyproject.toml agree."""
+
+import re
+from pathlib import Path
+
+import vit_tutorial
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = (ROOT / "pyproject.toml").read_text()
+
+
+def toml_list(name: str) -> set[str]:
+    """The strings of a one-level TOML array `name = [...]` (tomllib is Python 3.11+ only)."""
+    body = re.search(rf"^{name} = \[(.*?)^\]", PYPROJECT, re.M | re.S).group(1)
+    return set(re.findall(r'"([^"]+)"', body))
+
+
+def test_environment_yml_matches_pyproject():
+    wanted = toml_list("dependencies") | toml_list("dev")
+    assert "timm>=1.0.9" in wanted and "einops>=0.7" in wanted
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    pip_start = lines.index("  - pip:")
+    listed = {
+        m.group(1)
+        for line in lines[pip_start + 1 :]
+        if (m := re.fullmatch(r"\s+- (\S+)", line)) and not m.group(1).startswith("-e")
+    }
+    assert listed == wanted
+    assert any(line.strip() == "- -e ." for line in lines[pip_start:])
+    assert re.search(r"^name: vit-tutorial$", "\n".join(lines), re.M)
+
+
+def test_public_api_is_importable_from_the_package():
+    for name in ["create_model", "list_models", "VisionTransformer", "ViTConfig",
+                 "resample_pos_embed", "MultiHeadAttention", "PatchEmbed", "patchify",
+                 "unpatchify", "load_timm_state_dict", "to_timm_state_dict",
+                 "save_checkpoint", "load_checkpoint"]:
+        assert hasattr(vit_tutorial, name), name
+    assert f'version = "{vit_tutorial.__version__}"' in PYPROJECT
+
+
+def test_readme_quick_start_is_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```", 2)[1]
+    commands = [line for line in block.splitlines()[1:] if line.strip()]
+    assert commands == ["make lab", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,31 @@
+"""vit_tutorial: the Vision Transformer, built step by step. One module per notebook."""
+
+from .attention import MultiHeadAttention, scaled_dot_product_attention
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from .embeddings import (
+    POS_EMBED_TYPES,
+    ClassToken,
+    LearnedPosEmbed,
+    LearnedPosEmbed2D,
+    NoPosEmbed,
+    SinCosPosEmbed1D,
+    SinCosPosEmbed2D,
+    build_pos_embed,
+    resample_pos_embed,
+    sincos_1d_table,
+    sincos_2d_table,
+)
+from .encoder import Block, DropPath, Encoder, Mlp, drop_path
+from .interop import load_timm_state_dict, to_timm_state_dict
+from .patches import (
+    LinearPatchEmbed,
+    PatchEmbed,
+    conv_to_linear_weights,
+    linear_to_conv_weights,
+    patchify,
+    unpatchify,
+)
+from .presets import PRESETS, create_model, get_config, list_models
+from .vit import VisionTransformer, ViTConfig
+
+__version__ = "0.1.0"
