@@ -34,7 +34,8 @@ def test_public_api_is_importable_from_the_package():
     for name in ["create_model", "list_models", "VisionTransformer", "ViTConfig",
                  "resample_pos_embed", "MultiHeadAttention", "PatchEmbed", "patchify",
                  "unpatchify", "load_timm_state_dict", "to_timm_state_dict",
-                 "save_checkpoint", "load_checkpoint"]:
+                 "save_checkpoint", "load_checkpoint", "HybridEmbed", "ResNetV2", "T2TModule",
+                 "load_fashion_mnist", "FASHION_MNIST_CLASSES"]:
         assert hasattr(vit_tutorial, name), name
     assert f'version = "{vit_tutorial.__version__}"' in PYPROJECT
 

@@ -2,6 +2,11 @@
 
 from .attention import MultiHeadAttention, scaled_dot_product_attention
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from .data import (
+    FASHION_MNIST_CLASSES,
+    load_fashion_mnist,
+    load_photo,
+)
 from .embeddings import (
     POS_EMBED_TYPES,
     ClassToken,
@@ -16,6 +21,7 @@ from .embeddings import (
     sincos_2d_table,
 )
 from .encoder import Block, DropPath, Encoder, Mlp, drop_path
+from .hybrid import HybridEmbed, ResNetV2, StdConv2d
 from .interop import load_timm_state_dict, to_timm_state_dict
 from .patches import (
     LinearPatchEmbed,
@@ -26,6 +32,7 @@ from .patches import (
     unpatchify,
 )
 from .presets import PRESETS, create_model, get_config, list_models
+from .t2t import T2TModule, TokenPerformer, TokenTransformer, restructurize, soft_split
 from .vit import VisionTransformer, ViTConfig
 
 __version__ = "0.1.0"

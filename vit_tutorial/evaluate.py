@@ -1,0 +1,95 @@
+"""Test accuracy of a checkpoint on all 10,000 Fashion-MNIST test images (notebook 05).
+
+    python -m vit_tutorial.evaluate data/checkpoints/vit_mini_patch4_28.safetensors
+    accuracy: 0.9xxx (9xxx/10000)
+
+`--confusion PATH` also writes the 10x10 confusion matrix (rows: true class, columns:
+predicted) as JSON. Runs on the CPU in float32 by default, so the count is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint
+from .data import FASHION_MNIST_CLASSES, load_fashion_mnist, normalize
+
+__all__ = ["preprocess", "predict", "evaluate", "confusion_matrix", "main"]
+
+
+def preprocess(images: torch.Tensor, img_size: tuple[int, int] = (28, 28)) -> torch.Tensor:
+    """uint8 (B, 28, 28) or float [0, 1] (B, 1, 28, 28) -> the model's normalized input.
+
+    Images are upsampled bilinearly when the model reads a larger size (fine-tuned models).
+    """
+    x = images.unsqueeze(1) if images.ndim == 3 else images  # (B, 1, 28, 28)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+    if tuple(x.shape[-2:]) != tuple(img_size):
+        x = F.interpolate(x, size=tuple(img_size), mode="bilinear", align_corners=False)
+    return normalize(x)
+
+
+@torch.inference_mode()
+def predict(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Logits (N, num_classes) for uint8 images (N, 28, 28), computed batch by batch."""
+    model = model.eval().to(device)
+    img_size = model.config.img_size
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i : i + batch_size].to(device), img_size)
+        out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 10):
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    idx = target * num_classes + pred
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def evaluate(
+    model: torch.nn.Module, *, batch_size: int = 500, device: str | torch.device = "cpu"
+) -> dict:
+    """Accuracy and confusion matrix on the full test set."""
+    images, labels = load_fashion_mnist("test")
+    pred = predict(model, images, batch_size=batch_size, device=device).argmax(1)
+    correct = int((pred == labels).sum())
+    return {
+        "correct": correct,
+        "total": len(labels),
+        "accuracy": correct / len(labels),
+        "confusion": confusion_matrix(pred, labels).tolist(),
+        "predictions": pred,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vit_tutorial.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by vit_tutorial")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--confusion", metavar="PATH", help="write the confusion matrix as JSON")
+    args = p.parse_args(argv)
+    model, _ = load_checkpoint(args.checkpoint)
+    result = evaluate(model, batch_size=args.batch_size, device=args.device)
+    print(f"accuracy: {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
+    if args.confusion:
+        with open(args.confusion, "w") as f:
+            json.dump({"classes": FASHION_MNIST_CLASSES, "matrix": result["confusion"]}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
