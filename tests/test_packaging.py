@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 import vit_tutorial
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,3 +48,14 @@ def test_readme_quick_start_is_two_commands():
     commands = [line for line in block.splitlines()[1:] if line.strip()]
     assert commands == ["make lab", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_set_seed_and_count_parameters():
+    vit_tutorial.set_seed(3)
+    a = torch.rand(3)
+    vit_tutorial.set_seed(3)
+    assert torch.equal(a, torch.rand(3))
+    lin = torch.nn.Linear(4, 5)
+    lin.bias.requires_grad_(False)
+    assert vit_tutorial.count_parameters(lin) == 25
+    assert vit_tutorial.count_parameters(lin, trainable_only=True) == 20

@@ -33,6 +33,7 @@ from .patches import (
 )
 from .presets import PRESETS, create_model, get_config, list_models
 from .t2t import T2TModule, TokenPerformer, TokenTransformer, restructurize, soft_split
+from .utils import count_parameters, set_seed
 from .vit import VisionTransformer, ViTConfig
 
 __version__ = "0.1.0"
