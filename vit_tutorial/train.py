@@ -178,6 +178,10 @@ def train(args: argparse.Namespace) -> dict:
         overrides["img_size"] = args.img_size
     if args.init:
         model, parent_meta = load_checkpoint(args.init, **overrides)
+        if parent_meta.get("preset", args.model) != args.model:
+            raise ValueError(
+                f"--init {args.init} holds a {parent_meta['preset']!r} model, not {args.model!r}"
+            )
     else:
         model, parent_meta = create_model(args.model, **overrides), None
     model.to(device)
@@ -227,6 +231,7 @@ def train(args: argparse.Namespace) -> dict:
         net.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        bad_step = torch.full((), -1, device=device, dtype=torch.long)
         batches = _batches(len(images), args.batch_size, epoch=epoch, seed=args.seed,
                            device=device)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
@@ -246,11 +251,11 @@ def train(args: argparse.Namespace) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step} (epoch {epoch + 1}, batch {i + 1}); "
-                    f"stopping. Try a lower --lr (now {args.lr}) or --amp off."
-                )
+            # Remember the first non-finite step on the device; look at it every few steps
+            # only, since reading a GPU value waits for the GPU.
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+            if i % 25 == 24 or i == len(batches) - 1:
+                _stop_if_nonfinite(bad_step, epoch, steps_per_epoch, args.lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad:
@@ -279,7 +284,7 @@ def train(args: argparse.Namespace) -> dict:
             state = dict(model=model.state_dict(), optimizer=opt.state_dict(),
                          epoch=epoch + 1, step=step, history=history, elapsed=elapsed,
                          args={k: getattr(args, k) for k in _RESUME_KEYS})
-            save_checkpoint(model, out / "last.safetensors", epoch=epoch + 1)
+            save_checkpoint(model, out / "last.safetensors", preset=args.model, epoch=epoch + 1)
             _atomic_write_bytes(state_path, lambda tmp, s=state: torch.save(s, tmp))
             _write_json(out / "metrics.json", history)
         if world > 1:
@@ -291,7 +296,8 @@ def train(args: argparse.Namespace) -> dict:
         pred = predict(model, load_fashion_mnist("test")[0], device=device).argmax(1)
         correct_n = int((pred == load_fashion_mnist("test")[1]).sum())
         result = dict(
-            accuracy=correct_n / 10_000, correct=correct_n, epochs=args.epochs, seed=args.seed,
+            preset=args.model, accuracy=correct_n / 10_000, correct=correct_n,
+            epochs=args.epochs, seed=args.seed,
             command=command, seconds=round(elapsed, 1), device=_device_name(device),
             parent=args.init, parent_accuracy=(parent_meta or {}).get("accuracy"),
         )
@@ -302,6 +308,16 @@ def train(args: argparse.Namespace) -> dict:
     if world > 1:
         dist.destroy_process_group()
     return result
+
+
+def _stop_if_nonfinite(bad_step: torch.Tensor, epoch: int, steps_per_epoch: int, lr: float):
+    step = int(bad_step)
+    if step >= 0:
+        raise FloatingPointError(
+            f"the loss became non-finite at step {step} (epoch {epoch + 1}, batch "
+            f"{step - epoch * steps_per_epoch + 1}); stopping without saving this epoch. "
+            f"Try a lower --lr (now {lr}) or --amp off."
+        )
 
 
 def _device_name(device: torch.device) -> str:
