@@ -380,3 +380,50 @@ def test_seeded_cpu_generator_gives_the_same_result_on_every_device(name, device
     on_device = AUGMENTATIONS[name](x.to(device), torch.Generator().manual_seed(3))
     assert on_device.device.type == device
     assert torch.equal(on_device.cpu(), on_cpu)
+
+
+# --- mixup / CutMix -----------------------------------------------------------------------
+
+
+def _mix(x, y, **kw):
+    g = torch.Generator().manual_seed(kw.pop("seed", 0))
+    return data.mixup_cutmix(x, y, num_classes=10, generator=g, **kw)
+
+
+def test_mixup_blends_images_and_labels_with_one_lambda():
+    x = torch.rand(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    mixed, target = _mix(x, y, mixup_alpha=0.8, cutmix_alpha=0.0)
+    lam = target[0, 0].item()  # image 0 keeps lam of class 0 and gives 1 - lam to class 5
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
+    torch.testing.assert_close(target.sum(1), torch.ones(6))
+    assert target[0, 5].item() == pytest.approx(1 - lam)
+
+
+def test_cutmix_pastes_one_box_and_lambda_is_the_area_kept():
+    x = torch.zeros(4, 1, 16, 16)
+    x[1::2] = 1.0  # images 0 and 2 black, 1 and 3 white; partners are 3, 2, 1, 0
+    y = torch.tensor([0, 1, 2, 3])
+    for seed in range(5):
+        mixed, target = _mix(x, y, mixup_alpha=0.0, cutmix_alpha=1.0, seed=seed)
+        pasted = (mixed[0] == 1.0).float().mean().item()  # white pixels from image 3
+        assert target[0, 0].item() == pytest.approx(1 - pasted)
+        assert target[0, 3].item() == pytest.approx(pasted)
+        assert set(mixed.unique().tolist()) <= {0.0, 1.0}  # pasted, never blended
+
+
+def test_mix_targets_include_label_smoothing_and_are_reproducible():
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([1, 1, 1, 1])
+    mixed, target = _mix(x, y, label_smoothing=0.1, seed=3)
+    torch.testing.assert_close(target, torch.full((4, 10), 0.01).index_fill(1, torch.tensor([1]),
+                                                                           0.91))
+    again, target2 = _mix(x, y, label_smoothing=0.1, seed=3)
+    assert torch.equal(mixed, again) and torch.equal(target, target2)
+
+
+def test_mix_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"labels of shape \(4,\), got \(3,\)"):
+        _mix(torch.rand(4, 1, 8, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="mixup_alpha > 0 or cutmix_alpha > 0"):
+        _mix(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), mixup_alpha=0,
+             cutmix_alpha=0)

@@ -49,6 +49,7 @@ __all__ = [
     "random_erasing",
     "augment",
     "Augment",
+    "mixup_cutmix",
 ]
 
 # The repository's data/ folder; set VIT_TUTORIAL_DATA to read the data from elsewhere.
@@ -383,6 +384,55 @@ def augment(
     if erasing_p > 0:
         x = random_erasing(x, erasing_p, generator=generator)
     return x
+
+
+def mixup_cutmix(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_classes: int,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each image with the batch's mirror image (x[B-1-i]) and mix the labels alike.
+
+    Mixup (Zhang et al. 2018) blends whole images, x = lam x_i + (1 - lam) x_j; CutMix
+    (Yun et al. 2019) pastes a box of x_j over x_i and sets lam to the area kept. One lam
+    per batch, drawn from Beta(alpha, alpha); each batch is a CutMix batch with probability
+    `switch_prob` (when both alphas are > 0). Returns the mixed (B, C, H, W) images and
+    (B, num_classes) soft targets, label smoothing included, for `F.cross_entropy`.
+    """
+    _check_batch(x)
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"expected labels of shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        raise ValueError("mixup_cutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
+    B, C, H, W = x.shape
+    # Beta draws have no torch generator argument: seed a NumPy generator from `generator`,
+    # so the result is still a function of the torch generator's state.
+    seed = torch.randint(2**62, (1,), generator=generator,
+                         device=generator.device if generator is not None else "cpu")
+    rng = np.random.default_rng(int(seed))
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix
+                else rng.beta(mixup_alpha, mixup_alpha))
+    partner = x.flip(0)  # (B, C, H, W), image i meets image B-1-i
+    if use_cutmix:
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(H)), int(rng.integers(W))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2 + cut_h % 2, H)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2 + cut_w % 2, W)
+        x = x.clone()
+        x[:, :, top:bottom, left:right] = partner[:, :, top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (H * W)  # the area that stayed x_i
+    else:
+        x = lam * x + (1 - lam) * partner
+    off = label_smoothing / num_classes
+    target = F.one_hot(y, num_classes).to(x.dtype) * (1 - label_smoothing) + off  # (B, K)
+    return x, lam * target + (1 - lam) * target.flip(0)
 
 
 @dataclass(frozen=True)

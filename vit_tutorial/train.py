@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import augment, load_fashion_mnist
+from .data import augment, load_fashion_mnist, mixup_cutmix
 from .evaluate import predict, preprocess
-from .presets import create_model
+from .presets import create_model, get_config
 
 __all__ = ["main", "parse_args", "train", "cosine_schedule", "param_groups"]
 
@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-padding", type=int, default=4)
     p.add_argument("--erasing", type=float, default=0.25, help="random-erasing probability")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup Beta(alpha, alpha) parameter; 0: off")
+    p.add_argument("--cutmix", type=float, default=0.0,
+                   help="CutMix Beta(alpha, alpha) parameter; 0: off (with --mixup: half each)")
     p.add_argument("--img-size", type=int, default=None, help="train at this size (default 28)")
     p.add_argument("--init", default=None, help="start from this checkpoint's weights")
     p.add_argument("--seed", type=int, default=0)
@@ -86,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Settings that must not change between an interrupted run and its resumption.
 _RESUME_KEYS = ("model", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup",
                 "label_smoothing", "clip_grad", "drop_path", "dropout", "crop_padding",
-                "erasing", "no_flip", "img_size", "init", "seed", "limit_train")
+                "erasing", "no_flip", "mixup", "cutmix", "img_size", "init", "seed", "limit_train")
 
 
 def cosine_schedule(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -182,6 +186,14 @@ def train(args: argparse.Namespace) -> dict:
             raise ValueError(
                 f"--init {args.init} holds a {parent_meta['preset']!r} model, not {args.model!r}"
             )
+        # The checkpoint's config builds the model, so check it too: a file saved without
+        # a preset name would otherwise train another architecture under this name.
+        want = get_config(args.model, **{**overrides, "img_size": model.config.img_size})
+        differ = [f"{k}={getattr(model.config, k)!r} (preset: {v!r})"
+                  for k, v in want.to_dict().items() if getattr(model.config, k) != v]
+        if differ:
+            raise ValueError(f"--init {args.init} is not a {args.model!r} model: "
+                             f"{', '.join(differ)}")
     else:
         model, parent_meta = create_model(args.model, **overrides), None
     model.to(device)
@@ -228,6 +240,8 @@ def train(args: argparse.Namespace) -> dict:
         t0 = time.time()
         torch.manual_seed(args.seed * 100_003 + epoch)  # dropout / drop-path of this epoch
         aug_gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
+        mix_gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)  # CPU: no sync
+        mixing = args.mixup > 0 or args.cutmix > 0
         net.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -242,15 +256,26 @@ def train(args: argparse.Namespace) -> dict:
             x = images[idx].unsqueeze(1).float() / 255.0  # (B, 1, 28, 28)
             x = augment(x, crop_padding=args.crop_padding, flip=not args.no_flip,
                         erasing_p=args.erasing, generator=aug_gen)
+            y = labels[idx]  # (B,)
+            target = None
+            if mixing:  # soft targets (B, 10), label smoothing included
+                x, target = mixup_cutmix(x, y, num_classes=10, mixup_alpha=args.mixup,
+                                         cutmix_alpha=args.cutmix,
+                                         label_smoothing=args.label_smoothing,
+                                         generator=mix_gen)
+                target = target[rank * local : (rank + 1) * local]
             x = preprocess(x, img_size)[rank * local : (rank + 1) * local]
-            y = labels[idx][rank * local : (rank + 1) * local]
+            y = y[rank * local : (rank + 1) * local]
             lr = cosine_schedule(step, total=total_steps, warmup=warmup_steps,
                                  lr=args.lr, min_lr=args.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            if target is None:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits.float(), target)
             # Remember the first non-finite step on the device; look at it every few steps
             # only, since reading a GPU value waits for the GPU.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
@@ -269,8 +294,11 @@ def train(args: argparse.Namespace) -> dict:
                 bar.set_postfix(loss=f"{loss.item():.3f}",
                                 acc=f"{correct.item() / ((i + 1) * local):.3f}",
                                 img_s=f"{seen / (time.time() - t0):.0f}")
-        train_loss = loss_sum.item() / len(batches)
-        train_acc = correct.item() / (len(batches) * local)
+        if world > 1:  # each process saw its slice of every batch: log the whole batches
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(correct)
+        train_loss = loss_sum.item() / (len(batches) * world)
+        train_acc = correct.item() / (len(batches) * args.batch_size)
         epoch_time = time.time() - t0
         elapsed += epoch_time
         test_pred = predict(model, test_images, device=device).argmax(1)
