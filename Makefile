@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: setup lab test unit nbval lint notebooks benchmark clean
+.PHONY: setup lab test unit checkpoints nbval lint notebooks benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,17 +18,21 @@ setup: $(STAMP)
 lab: setup
 	$(BIN)/jupyter lab notebooks/
 
-test: lint unit nbval
+test: lint unit checkpoints nbval
 
 lint: setup
 	$(BIN)/ruff check .
 
 unit: setup
-	$(BIN)/pytest tests -q
+	$(BIN)/pytest tests -q -m "not slow"
+
+# Every shipped checkpoint re-evaluated on the full test set (about 4 minutes on 2 cores).
+checkpoints: setup
+	$(BIN)/pytest tests -q -m slow
 
 nbval: setup
 ifneq ($(NOTEBOOKS),)
-	$(BIN)/pytest --nbval --sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
+	$(BIN)/pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
 endif
 
 # Re-execute every notebook in place, top to bottom from a fresh kernel.

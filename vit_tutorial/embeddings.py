@@ -2,14 +2,16 @@
 
 ViT paper eq. 1: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos. The learnable class token
 x_class gathers the image's representation; E_pos tells the encoder where each patch came
-from. Appendix D.4 compares four choices, all here:
+from. Appendix D.4 compares no position embedding, learned 1-D, learned 2-D and
+relative embeddings; the first three are here, with two fixed tables:
 
     "learn"     learned 1-D table, one vector per position in raster order (paper default)
     "learn2d"   learned 2-D: a row table and a column table of D/2 each, concatenated
-    "sincos2d"  fixed 2-D sine-cosine (the row and column halves of Vaswani et al.'s table)
     "none"      no position information: the encoder sees a bag of patches
+    "sincos2d"  fixed 2-D sine-cosine (the row and column halves of Vaswani et al.'s table)
+    "sincos1d"  the fixed 1-D table of Vaswani et al., which T2T-ViT uses
 
-plus "sincos1d", the fixed 1-D table of Vaswani et al. that T2T-ViT uses. Section 3.2:
+Relative position embeddings (D.4's fourth choice) are not implemented. Section 3.2:
 at a higher fine-tuning resolution the patch grid grows, so the learned table is
 resampled in 2-D (`resample_pos_embed`).
 """
