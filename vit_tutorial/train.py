@@ -156,6 +156,7 @@ def _batches(n: int, batch_size: int, *, epoch: int, seed: int, device) -> list[
 
 
 def train(args: argparse.Namespace) -> dict:
+    started = time.time()
     rank, world, device = _setup_distributed(args.device)
     main_process = rank == 0
     out = Path(args.out)
@@ -327,6 +328,9 @@ def train(args: argparse.Namespace) -> dict:
             preset=args.model, accuracy=correct_n / 10_000, correct=correct_n,
             epochs=args.epochs, seed=args.seed,
             command=command, seconds=round(elapsed, 1), device=_device_name(device),
+            # wall-clock time of the invocation that finished the run: data loading,
+            # compilation, evaluations and saves included ("seconds" sums the epochs)
+            wall_seconds=round(time.time() - started, 1),
             parent=args.init, parent_accuracy=(parent_meta or {}).get("accuracy"),
         )
         save_checkpoint(model, out / "model.safetensors",

@@ -53,6 +53,8 @@ def entry(file: str, kind: str) -> dict:
         "epochs": meta["epochs"],
         "command": meta["command"],
         "train_seconds": meta["seconds"],
+        # Runs since `wall_seconds` was recorded carry it; the shipped ones predate it.
+        "wall_seconds": meta.get("wall_seconds"),
         "gpu": meta["device"],
         "bytes": path.stat().st_size,
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
