@@ -101,6 +101,7 @@ class Block(nn.Module):
         else:
             y, weights = self.attn(self.norm1(x)), None
         x = x + self.drop_path1(y)  # z'_l = MSA(LN(z_{l-1})) + z_{l-1}
+        del y  # free the (B, N, D) attention output before the MLP allocates its own
         x = x + self.drop_path2(self.mlp(self.norm2(x)))  # z_l = MLP(LN(z'_l)) + z'_l
         return (x, weights) if return_attention else x
 
