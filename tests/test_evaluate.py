@@ -21,13 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: with two on two cores, any other busy process stalls torch's OpenMP
-    barriers and the 10,000-image evaluations below slow down tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here trains or evaluates on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -96,13 +96,8 @@ def _small_test_split(monkeypatch, n: int = 500) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Train on one thread. With two threads on two cores, any other busy process stalls
-    torch's OpenMP barriers: an epoch of 4 steps here went from 0.2 s to 5 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here trains or evaluates on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
