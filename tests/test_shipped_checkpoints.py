@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,7 +84,3 @@ def test_cpu_evaluation_reproduces_the_recorded_count(entry):
         f"MANIFEST.json records {entry['correct']}"
     )
     assert sum(map(sum, result["confusion"])) == 10_000
-
-
-def test_manifest_path_is_inside_the_data_folder():
-    assert CKPT_DIR == Path(vt.data.DATA_DIR) / "checkpoints"

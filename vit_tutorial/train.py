@@ -237,12 +237,13 @@ def train(args: argparse.Namespace) -> dict:
         net = torch.compile(net)
 
     local = args.batch_size // world
+    mine = slice(rank * local, (rank + 1) * local)  # this process's part of each batch
+    mixing = args.mixup > 0 or args.cutmix > 0
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         torch.manual_seed(args.seed * 100_003 + epoch)  # dropout / drop-path of this epoch
         aug_gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
         mix_gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)  # CPU: no sync
-        mixing = args.mixup > 0 or args.cutmix > 0
         net.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -264,9 +265,9 @@ def train(args: argparse.Namespace) -> dict:
                                          cutmix_alpha=args.cutmix,
                                          label_smoothing=args.label_smoothing,
                                          generator=mix_gen)
-                target = target[rank * local : (rank + 1) * local]
-            x = preprocess(x, img_size)[rank * local : (rank + 1) * local]
-            y = y[rank * local : (rank + 1) * local]
+                target = target[mine]
+            x = preprocess(x, img_size)[mine]
+            y = y[mine]
             lr = cosine_schedule(step, total=total_steps, warmup=warmup_steps,
                                  lr=args.lr, min_lr=args.min_lr)
             for group in opt.param_groups:
@@ -322,10 +323,11 @@ def train(args: argparse.Namespace) -> dict:
     # The final model, evaluated on the whole test set.
     result = {}
     if main_process:
-        pred = predict(model, load_fashion_mnist("test")[0], device=device).argmax(1)
-        correct_n = int((pred == load_fashion_mnist("test")[1]).sum())
+        all_images, all_labels = load_fashion_mnist("test")
+        pred = predict(model, all_images, device=device).argmax(1)
+        correct_n, total = int((pred == all_labels).sum()), len(all_labels)
         result = dict(
-            preset=args.model, accuracy=correct_n / 10_000, correct=correct_n,
+            preset=args.model, accuracy=correct_n / total, correct=correct_n,
             epochs=args.epochs, seed=args.seed,
             command=command, seconds=round(elapsed, 1), device=_device_name(device),
             # wall-clock time of the invocation that finished the run: data loading,
@@ -335,7 +337,7 @@ def train(args: argparse.Namespace) -> dict:
         )
         save_checkpoint(model, out / "model.safetensors",
                         dtype=getattr(torch, args.save_dtype), **result)
-        print(f"accuracy: {result['accuracy']:.4f} ({correct_n}/10000) on {result['device']}, "
+        print(f"accuracy: {result['accuracy']:.4f} ({correct_n}/{total}) on {result['device']}, "
               f"{elapsed:.0f} s", flush=True)
     if world > 1:
         dist.destroy_process_group()
