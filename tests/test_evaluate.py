@@ -93,6 +93,17 @@ def test_evaluate_agrees_with_predict(checkpoint, result):
     assert int(matrix.trace()) == result["correct"]
 
 
+def test_predict_under_bf16_autocast_is_close_to_float32(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    images = load_fashion_mnist("test")[0][:500]
+    exact = predict(model, images)
+    fast = predict(model, images, amp=True)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # autocast really ran in bfloat16
+    torch.testing.assert_close(fast, exact, atol=0.1, rtol=0.05)
+    assert (fast.argmax(1) == exact.argmax(1)).float().mean() > 0.97
+
+
 def test_confusion_matrix_rows_are_true_classes():
     target = torch.tensor([0, 0, 1, 2, 2, 2])
     pred = torch.tensor([0, 1, 1, 2, 0, 2])

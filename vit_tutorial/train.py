@@ -303,7 +303,9 @@ def train(args: argparse.Namespace) -> dict:
         train_acc = correct.item() / (len(batches) * args.batch_size)
         epoch_time = time.time() - t0
         elapsed += epoch_time
-        test_pred = predict(model, test_images, device=device).argmax(1)
+        # bf16 on the GPU for this per-epoch log; the final count below is float32.
+        test_pred = predict(model, test_images, batch_size=1000, device=device,
+                            amp=amp).argmax(1)
         test_acc = (test_pred == test_labels).float().mean().item()
         history.append(dict(epoch=epoch + 1, train_loss=round(train_loss, 5),
                             train_acc=round(train_acc, 5), test_acc=round(test_acc, 5),

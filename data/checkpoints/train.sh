@@ -28,7 +28,7 @@ for what in "$@"; do
   case $what in
     vit) job vit --model vit_mini_patch4_28 --epochs 226 "${RECIPE[@]}" ;;
     hybrid) job hybrid --model vit_mini_r26_s4_28 --epochs 137 "${RECIPE[@]}" ;;
-    t2t) job t2t --model t2t_vit_mini_28 --epochs 156 "${RECIPE[@]}" ;;
+    t2t) job t2t --model t2t_vit_mini_28 --epochs 230 "${RECIPE[@]}" ;;
     vit_hires) job vit_hires --model vit_mini_patch4_28 --init data/checkpoints/vit.safetensors \
            --img-size 56 --epochs 15 --batch-size 512 --lr 1e-4 --min-lr 1e-6 --warmup 1 \
            --weight-decay 0.05 --drop-path 0.1 --crop-padding 2 --erasing 0.25 ;;
