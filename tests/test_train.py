@@ -183,6 +183,39 @@ def test_resuming_with_other_settings_names_them(reference, tmp_path):
     assert (out / "state.pt").read_bytes() == before
 
 
+def test_eval_every_skips_evaluations_and_changes_nothing_else(reference, tmp_path,
+                                                              monkeypatch):
+    _small_test_split(monkeypatch)
+    evaluations = []
+    predict = train_module.predict
+
+    def counting_predict(*args, **kwargs):
+        evaluations.append(1)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "predict", counting_predict)
+    out = tmp_path / "run"
+    assert train_module.main(_argv(out, "--eval-every", "2")) == 0
+    assert len(evaluations) == 2 + 1  # after epochs 2 and 3 (the last), then the final one
+    history = json.loads((out / "metrics.json").read_text())
+    ref_history = json.loads((reference / "metrics.json").read_text())
+    assert [h["test_acc"] for h in history] == [None, ref_history[1]["test_acc"],
+                                                ref_history[2]["test_acc"]]
+    for h, ref in zip(_without_timings(history), _without_timings(ref_history), strict=True):
+        assert {**h, "test_acc": None} == {**ref, "test_acc": None}
+    weights = load_file(out / "model.safetensors")
+    ref_weights = load_file(reference / "model.safetensors")
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_eval_every_must_be_positive(value, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_module.parse_args(_argv(tmp_path, "--eval-every", value))
+    assert f"--eval-every must be a positive number of epochs, got {value}" in (
+        capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("killed_file", ["last.safetensors", "state.pt"])
 def test_kill_while_saving_keeps_the_previous_epoch(
     killed_file, reference, tmp_path, monkeypatch
