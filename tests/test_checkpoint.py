@@ -1,11 +1,12 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from vit_tutorial import create_model
-from vit_tutorial.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from vit_tutorial.checkpoint import atomic_write, load_checkpoint, read_metadata, save_checkpoint
 
 
 @pytest.fixture
@@ -91,6 +92,24 @@ def test_failed_write_keeps_old_file(model, tmp_path, monkeypatch):
         save_checkpoint(model, path, version=2)
     assert read_metadata(path)[1] == {"version": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "log.json"
+    atomic_write(path, lambda tmp: Path(tmp).write_text("old"))
+    assert path.read_text() == "old"
+
+    def half_then_fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["log.json"]  # no temporary file left
+    atomic_write(path, lambda tmp: Path(tmp).write_text("new"))
+    assert path.read_text() == "new"
 
 
 def test_metadata_is_plain_json(model, tmp_path):

@@ -23,7 +23,8 @@ from .embeddings import resample_pos_embed
 from .interop import check_state_dict
 from .vit import VisionTransformer, ViTConfig
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "resize_state_dict"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "resize_state_dict",
+           "atomic_write"]
 
 FORMAT = "vit_tutorial/1"
 
@@ -59,15 +60,26 @@ def save_checkpoint(
         "sha256": _digest(tensors),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """`write(tmp)` a temporary file beside `path`, then rename it to `path`.
+
+    A rename within one folder is atomic: readers, and a run resumed after a kill, see
+    the old file or the new one, never half of one. The temporary file is removed if
+    `write` fails.
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

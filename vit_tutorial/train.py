@@ -28,7 +28,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .data import augment, load_fashion_mnist, mixup_cutmix
 from .evaluate import predict, preprocess
 from .presets import create_model, get_config
@@ -120,23 +119,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_json(path: Path, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
 
-    _atomic_write_bytes(path, write)
+    atomic_write(path, write)
 
 
 def _setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
@@ -154,9 +142,9 @@ def _setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world, torch.device(device)
 
 
-def _batches(n: int, batch_size: int, *, epoch: int, seed: int, device) -> list[torch.Tensor]:
-    """This epoch's shuffled index batches: a function of (seed, epoch) alone."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+def _batches(n: int, batch_size: int, *, seed: int, device) -> list[torch.Tensor]:
+    """This epoch's shuffled index batches: a function of the epoch's seed alone."""
+    g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g).to(device)
     return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
@@ -178,9 +166,10 @@ def train(args: argparse.Namespace) -> dict:
     if args.limit_train:
         images, labels = images[: args.limit_train], labels[: args.limit_train]
     images, labels = images.to(device), labels.to(device)
-    test_images, test_labels = load_fashion_mnist("test")
-    if args.limit_test:
-        test_images, test_labels = test_images[: args.limit_test], test_labels[: args.limit_test]
+    # The per-epoch log may use the first --limit-test images; the final count uses all.
+    all_test_images, all_test_labels = load_fashion_mnist("test")
+    test_images = all_test_images[: args.limit_test]
+    test_labels = all_test_labels[: args.limit_test]
 
     # Model: a preset, optionally initialised from a checkpoint (at another resolution).
     torch.manual_seed(args.seed)
@@ -247,15 +236,16 @@ def train(args: argparse.Namespace) -> dict:
     mixing = args.mixup > 0 or args.cutmix > 0
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        torch.manual_seed(args.seed * 100_003 + epoch)  # dropout / drop-path of this epoch
-        aug_gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
-        mix_gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)  # CPU: no sync
+        # Data order, augmentation, mixing, dropout and drop-path are functions of (seed, epoch).
+        epoch_seed = args.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)  # dropout / drop-path
+        aug_gen = torch.Generator(device=device).manual_seed(epoch_seed)
+        mix_gen = torch.Generator().manual_seed(epoch_seed)  # on the CPU: drawing waits for no GPU
         net.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         bad_step = torch.full((), -1, device=device, dtype=torch.long)
-        batches = _batches(len(images), args.batch_size, epoch=epoch, seed=args.seed,
-                           device=device)
+        batches = _batches(len(images), args.batch_size, seed=epoch_seed, device=device)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=args.no_progress or not main_process, mininterval=1.0)
         for i, idx in enumerate(bar):
@@ -325,7 +315,7 @@ def train(args: argparse.Namespace) -> dict:
                          epoch=epoch + 1, step=step, history=history, elapsed=elapsed,
                          args={k: getattr(args, k) for k in _RESUME_KEYS})
             save_checkpoint(model, out / "last.safetensors", preset=args.model, epoch=epoch + 1)
-            _atomic_write_bytes(state_path, lambda tmp, s=state: torch.save(s, tmp))
+            atomic_write(state_path, lambda tmp, s=state: torch.save(s, tmp))
             _write_json(out / "metrics.json", history)
         if world > 1:
             dist.barrier()
@@ -333,9 +323,8 @@ def train(args: argparse.Namespace) -> dict:
     # The final model, evaluated on the whole test set.
     result = {}
     if main_process:
-        all_images, all_labels = load_fashion_mnist("test")
-        pred = predict(model, all_images, device=device).argmax(1)
-        correct_n, total = int((pred == all_labels).sum()), len(all_labels)
+        pred = predict(model, all_test_images, device=device).argmax(1)
+        correct_n, total = int((pred == all_test_labels).sum()), len(all_test_labels)
         result = dict(
             preset=args.model, accuracy=correct_n / total, correct=correct_n,
             epochs=args.epochs, seed=args.seed,

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # run from a checkout without installing
 
 import vit_tutorial as vt  # noqa: E402
+from vit_tutorial.checkpoint import atomic_write  # noqa: E402
 from vit_tutorial.evaluate import evaluate  # noqa: E402
 
 # file -> kind (issue: `vit`, `hybrid`, `t2t`, `vit_hires`)
@@ -53,7 +52,7 @@ def entry(file: str, kind: str) -> dict:
         "epochs": meta["epochs"],
         "command": meta["command"],
         "train_seconds": meta["seconds"],
-        # Runs since `wall_seconds` was recorded carry it; the shipped ones predate it.
+        # Runs made before the training command recorded `wall_seconds` have none.
         "wall_seconds": meta.get("wall_seconds"),
         "gpu": meta["device"],
         "bytes": path.stat().st_size,
@@ -67,11 +66,8 @@ def main() -> None:
         entries.append(entry(file, kind))
         e = entries[-1]
         print(f"{file}: accuracy {e['accuracy']:.4f} ({e['correct']}/10000)", flush=True)
-    fd, tmp = tempfile.mkstemp(dir=HERE, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, HERE / "MANIFEST.json")
+    text = json.dumps(entries, indent=1) + "\n"
+    atomic_write(HERE / "MANIFEST.json", lambda tmp: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":
