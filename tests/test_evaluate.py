@@ -93,6 +93,14 @@ def test_evaluate_agrees_with_predict(checkpoint, result):
     assert int(matrix.trace()) == result["correct"]
 
 
+def test_predictions_do_not_depend_on_the_batch_size(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    images = load_fashion_mnist("test")[0][:300]
+    one_batch = predict(model, images, batch_size=300)
+    for batch_size in (1, 7, 50):  # 7 leaves a last batch of 6
+        torch.testing.assert_close(predict(model, images, batch_size=batch_size), one_batch)
+
+
 def test_predict_under_bf16_autocast_is_close_to_float32(checkpoint):
     model, _ = load_checkpoint(checkpoint)
     images = load_fashion_mnist("test")[0][:500]

@@ -179,6 +179,35 @@ def test_small_stem_28x28(width):
     assert embed(x).shape == (3, 49, 32)
 
 
+def bottleneck_stack_params(width: int, layers, in_chans: int) -> int:
+    """Parameters of ResNetV2 with the small stem, by hand: convolutions have no bias, every
+    GroupNorm has a scale and a shift (2 per channel). Stage i outputs 4w * 2^i channels
+    through bottlenecks of middle width w * 2^i; the first block of a stage also has a 1x1
+    projection shortcut."""
+    total = 9 * in_chans * width + 2 * width  # stem: 3x3 conv + norm
+    prev = width
+    for i, depth in enumerate(layers):
+        mid, out = width * 2**i, 4 * width * 2**i
+        for b in range(depth):
+            c_in = prev if b == 0 else out
+            if b == 0:
+                total += c_in * out + 2 * out  # shortcut: 1x1 conv + norm
+            total += c_in * mid + 2 * mid  # conv1 1x1
+            total += 9 * mid * mid + 2 * mid  # conv2 3x3
+            total += mid * out + 2 * out  # conv3 1x1
+        prev = out
+    return total
+
+
+@pytest.mark.parametrize("width", [32, 48])
+def test_small_backbone_parameter_count_by_formula(width):
+    """The shipped hybrids' CNNs (width 32 and 48) hold exactly the weights the design says."""
+    embed = HybridEmbed(img_size=28, in_chans=1, embed_dim=192, layers=(2, 2, 2),
+                        stem="small", width=width)
+    assert n_params(embed.backbone) == bottleneck_stack_params(width, (2, 2, 2), in_chans=1)
+    assert n_params(embed) == n_params(embed.backbone) + 16 * width * 192 + 192  # + 1x1 proj
+
+
 @pytest.mark.parametrize(
     "stem, img_size", [("small", (28, 28)), ("small", (30, 17)), ("resnet", (45, 70))]
 )

@@ -57,10 +57,26 @@ def test_every_preset_builds_and_takes_overrides(name):
     assert model(x).shape == (3, 7)
 
 
+# The 28x28 Fashion-MNIST models (10 classes); the shipped checkpoints store them in
+# float16, and the 12 MB limit a file allows at most 6M parameters.
+EXPECTED_PARAMS_28 = {
+    "vit_nano_patch4_28": 139_018,
+    "vit_mini_patch4_28": 4_019_146,
+    "vit_mini_r26_s4_28": 3_642_346,
+    "vit_mini_r26_w48_s4_28": 4_764_058,
+    "t2t_vit_mini_28": 3_588_412,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS_28))
+def test_fashion_mnist_parameter_counts(name):
+    assert meta_count(name) == EXPECTED_PARAMS_28[name] <= 6_000_000
+
+
 def test_every_preset_is_tested_for_its_count():
-    # Like vit_jax's models_test: every paper preset has a pinned parameter count.
-    paper = {n for n in PRESETS if n.endswith("_224")}
-    assert paper <= set(EXPECTED_PARAMS)
+    # Like vit_jax's models_test: every preset has a pinned parameter count.
+    assert {n for n in PRESETS if n.endswith("_224")} <= set(EXPECTED_PARAMS)
+    assert {n for n in PRESETS if n.endswith("_28")} == set(EXPECTED_PARAMS_28)
 
 
 def timm_and_ours(timm_name, our_name, **kw):

@@ -46,10 +46,15 @@ PRESETS: dict[str, dict] = {
     "vit_mini_patch4_28": dict(
         _FMNIST, patch_size=4, embed_dim=192, depth=9, num_heads=3, mlp_ratio=4.0
     ),
-    # A ResNet-v2 stem (28 -> 7, output stride 4) under a narrow ViT: the shipped `hybrid`.
+    # A ResNet-v2 stem (28 -> 7, output stride 4) under a narrow ViT.
     "vit_mini_r26_s4_28": dict(
         _FMNIST, tokenizer="hybrid", hybrid_layers=(2, 2, 2), hybrid_stem="small",
         hybrid_width=32, patch_size=1, embed_dim=192, depth=6, num_heads=3,
+    ),
+    # The same with a CNN 1.5x as wide (stages of 192, 384, 768 channels): the shipped `hybrid`.
+    "vit_mini_r26_w48_s4_28": dict(
+        _FMNIST, tokenizer="hybrid", hybrid_layers=(2, 2, 2), hybrid_stem="small",
+        hybrid_width=48, patch_size=1, embed_dim=192, depth=6, num_heads=3,
     ),
     # T2T with a gentler first split for small images: 28 -> 14 -> 7 -> 7 (49 tokens).
     "t2t_vit_mini_28": dict(

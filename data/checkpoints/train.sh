@@ -27,7 +27,7 @@ RECIPE=(--batch-size 1024 --lr 1.5e-3 --warmup 10 --weight-decay 0.05 --drop-pat
 for what in "$@"; do
   case $what in
     vit) job vit --model vit_mini_patch4_28 --epochs 226 "${RECIPE[@]}" ;;
-    hybrid) job hybrid --model vit_mini_r26_s4_28 --epochs 137 "${RECIPE[@]}" ;;
+    hybrid) job hybrid --model vit_mini_r26_w48_s4_28 --epochs 190 --eval-every 10 "${RECIPE[@]}" ;;
     t2t) job t2t --model t2t_vit_mini_28 --epochs 230 "${RECIPE[@]}" ;;
     vit_hires) job vit_hires --model vit_mini_patch4_28 --init data/checkpoints/vit.safetensors \
            --img-size 56 --epochs 15 --batch-size 512 --lr 1e-4 --min-lr 1e-6 --warmup 1 \
