@@ -15,6 +15,8 @@ __all__ = ["PRESETS", "create_model", "get_config", "list_models"]
 
 _T2T = dict(tokenizer="t2t", pos_embed="sincos1d", qkv_bias=False, norm_eps=1e-5)
 _FMNIST = dict(img_size=28, in_chans=1, num_classes=10)
+_HYBRID_MINI = dict(_FMNIST, tokenizer="hybrid", hybrid_layers=(2, 2, 2), hybrid_stem="small",
+                    patch_size=1, embed_dim=192, depth=6, num_heads=3)
 
 PRESETS: dict[str, dict] = {
     # ViT paper, Table 1 (+ DeiT's Tiny and Small), patch size in the name.
@@ -47,15 +49,9 @@ PRESETS: dict[str, dict] = {
         _FMNIST, patch_size=4, embed_dim=192, depth=9, num_heads=3, mlp_ratio=4.0
     ),
     # A ResNet-v2 stem (28 -> 7, output stride 4) under a narrow ViT.
-    "vit_mini_r26_s4_28": dict(
-        _FMNIST, tokenizer="hybrid", hybrid_layers=(2, 2, 2), hybrid_stem="small",
-        hybrid_width=32, patch_size=1, embed_dim=192, depth=6, num_heads=3,
-    ),
+    "vit_mini_r26_s4_28": dict(_HYBRID_MINI, hybrid_width=32),
     # The same with a CNN 1.5x as wide (stages of 192, 384, 768 channels): the shipped `hybrid`.
-    "vit_mini_r26_w48_s4_28": dict(
-        _FMNIST, tokenizer="hybrid", hybrid_layers=(2, 2, 2), hybrid_stem="small",
-        hybrid_width=48, patch_size=1, embed_dim=192, depth=6, num_heads=3,
-    ),
+    "vit_mini_r26_w48_s4_28": dict(_HYBRID_MINI, hybrid_width=48),
     # T2T with a gentler first split for small images: 28 -> 14 -> 7 -> 7 (49 tokens).
     "t2t_vit_mini_28": dict(
         _FMNIST, **_T2T, t2t_kernels=((5, 2, 2), (3, 2, 1), (3, 1, 1)),
