@@ -39,21 +39,24 @@ def predict(
     model: torch.nn.Module,
     images: torch.Tensor,
     *,
-    batch_size: int = 50,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     amp: bool = False,
 ) -> torch.Tensor:
     """Logits (N, num_classes) for uint8 images (N, 28, 28), computed batch by batch.
 
-    Small batches are the fast ones on a CPU: 50 images keep each layer's activations in
-    the caches, where 500 of them (600 MB a layer in the hybrid's 28x28 stage) do not; all
-    four shipped models evaluate 1.3-2.2x faster (`benchmarks/RESULTS.md`).
+    `batch_size` defaults to 50 on the CPU and 1000 elsewhere. Small batches are the fast
+    ones on a CPU: 50 images keep each layer's activations in the caches, where 500 of them
+    (600 MB a layer in the hybrid's 28x28 stage) do not; all four shipped models evaluate
+    1.3-2.2x faster (`benchmarks/RESULTS.md`). A GPU wants large batches.
 
     `amp=True` runs under bfloat16 autocast: fast on a GPU, but the count may differ by a
     few images from float32, so reported accuracies use the default.
     """
     model = model.eval().to(device)
     device = torch.device(device)
+    if batch_size is None:
+        batch_size = 50 if device.type == "cpu" else 1000
     img_size = model.config.img_size
     out = []
     for i in range(0, len(images), batch_size):
@@ -70,7 +73,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int 
 
 
 def evaluate(
-    model: torch.nn.Module, *, batch_size: int = 50, device: str | torch.device = "cpu"
+    model: torch.nn.Module, *, batch_size: int | None = None, device: str | torch.device = "cpu"
 ) -> dict:
     """Accuracy and confusion matrix on the full test set."""
     images, labels = load_fashion_mnist("test")
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vit_tutorial.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a .safetensors checkpoint written by vit_tutorial")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: 50 on the CPU, 1000 on a GPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--confusion", metavar="PATH", help="write the confusion matrix as JSON")
     args = p.parse_args(argv)

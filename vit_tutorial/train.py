@@ -302,8 +302,7 @@ def train(args: argparse.Namespace) -> dict:
         test_acc = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             # bf16 on the GPU for this per-epoch log; the final count below is float32.
-            test_pred = predict(model, test_images, batch_size=1000, device=device,
-                                amp=amp).argmax(1)
+            test_pred = predict(model, test_images, device=device, amp=amp).argmax(1)
             test_acc = round((test_pred == test_labels).float().mean().item(), 5)
         history.append(dict(epoch=epoch + 1, train_loss=round(train_loss, 5),
                             train_acc=round(train_acc, 5), test_acc=test_acc,
