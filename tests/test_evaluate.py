@@ -101,6 +101,14 @@ def test_predictions_do_not_depend_on_the_batch_size(checkpoint):
         torch.testing.assert_close(predict(model, images, batch_size=batch_size), one_batch)
 
 
+def test_predict_on_the_cpu_defaults_to_batches_of_50(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    predict(model, load_fashion_mnist("test")[0][:120])
+    assert seen == [50, 50, 20]
+
+
 def test_predict_under_bf16_autocast_is_close_to_float32(checkpoint):
     model, _ = load_checkpoint(checkpoint)
     images = load_fashion_mnist("test")[0][:500]
