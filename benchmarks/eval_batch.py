@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from timing import interleaved  # noqa: E402  (benchmarks/, the script's folder)
+
 import vit_tutorial as vt  # noqa: E402
 from vit_tutorial.evaluate import predict  # noqa: E402
 
@@ -47,13 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         reference = predict(model, images, batch_size=sizes[0])
         for b in sizes[1:]:
             torch.testing.assert_close(predict(model, images, batch_size=b), reference)
-        times: dict[int, list[float]] = {b: [] for b in sizes}
-        for r in range(args.repeats):
-            order = sizes if r % 2 == 0 else sizes[::-1]
-            for b in order:
-                t0 = time.perf_counter()
-                predict(model, images, batch_size=b)
-                times[b].append(time.perf_counter() - t0)
+        def seconds(b, model=model):
+            t0 = time.perf_counter()
+            predict(model, images, batch_size=b)
+            return time.perf_counter() - t0
+
+        times = interleaved({b: lambda b=b: seconds(b) for b in sizes}, args.repeats)
         speed = {b: len(images) / statistics.median(t) for b, t in times.items()}
         ratios = " | ".join(f"{speed[b] / speed[sizes[0]]:.2f}" for b in sizes[1:])
         print(f"| `{name}` | {' | '.join(f'{speed[b]:.0f}' for b in sizes)} | {ratios} |",

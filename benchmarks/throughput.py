@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved  # benchmarks/, the script's folder
 from torch import nn
 
 try:
@@ -157,11 +158,11 @@ def bench(
         for impl in impls:
             fns[impl]()
     sync()
-    rates: dict[str, list[float]] = {impl: [] for impl in impls}
-    for r in range(repeats):
-        for impl in impls if r % 2 == 0 else impls[::-1]:
-            rates[impl].append(images_per_second(fns[impl], steps, x.shape[0], sync))
-    return rates
+    return interleaved(
+        {impl: lambda f=fn: images_per_second(f, steps, x.shape[0], sync)
+         for impl, fn in fns.items()},
+        repeats,
+    )
 
 
 def device_name(device: torch.device) -> str:
