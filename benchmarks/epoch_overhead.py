@@ -23,7 +23,7 @@ import vit_tutorial.train as train_module
 
 # (module, attribute) -> what it does once an epoch
 TIMED = {
-    (train_module, "predict"): "test-set evaluation",
+    (train_module, "estimate_accuracy"): "test-set evaluation",
     (train_module, "save_checkpoint"): "model save (last.safetensors)",
     (torch, "save"): "state save (state.pt: model, optimizer, history)",
     (train_module, "_write_json"): "metrics.json write",

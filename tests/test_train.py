@@ -5,6 +5,7 @@ Every run is tiny (64 training images, batches of 16, 3 epochs of 4 steps): what
 test is the bookkeeping around the training loop, not what the model learns.
 """
 
+import functools
 import itertools
 import json
 import os
@@ -22,9 +23,15 @@ from safetensors.torch import load_file
 
 import vit_tutorial.checkpoint as checkpoint_module
 import vit_tutorial.train as train_module
-from vit_tutorial import create_model, load_checkpoint, read_metadata, resample_pos_embed
+from vit_tutorial import (
+    create_model,
+    load_checkpoint,
+    load_fashion_mnist,
+    read_metadata,
+    resample_pos_embed,
+)
 from vit_tutorial.checkpoint import save_checkpoint
-from vit_tutorial.train import cosine_schedule, param_groups
+from vit_tutorial.train import TrainConfig, cosine_schedule, param_groups, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "vit_nano_patch4_28"
@@ -37,10 +44,19 @@ def _argv(out: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:
             "--warmup", "1", "--device", "cpu", "--no-progress", *extra]
 
 
-def _train(argv: list[str]) -> dict:
-    args = train_module.parse_args(argv)
-    args.argv = argv
-    return train_module.train(args)
+@functools.cache
+def _data(n_test: int = 500) -> tuple[torch.Tensor, ...]:
+    """Fashion-MNIST with the test split cut to its first `n_test` images.
+
+    The final evaluation reads the whole test split: ~3 s on one thread at 28x28, ~20 s at
+    56x56. Tests of what happens before it train on this.
+    """
+    test_images, test_labels = load_fashion_mnist("test")
+    return (*load_fashion_mnist("train"), test_images[:n_test], test_labels[:n_test])
+
+
+def _train(argv: list[str], **kwargs) -> dict:
+    return train_module.train(train_module.parse_args(argv), data=_data(), **kwargs)
 
 
 def _state(out: Path) -> dict:
@@ -55,44 +71,15 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so no `except Exception` in train() can catch it."""
 
 
-def _kill_at_batch(monkeypatch, n: int) -> None:
-    """Kill the run when it starts its n-th batch (counting from 1 over the whole run)."""
+def _kill_at_batch(n: int):
+    """An on_step callback that kills the run as it starts its n-th batch of this process."""
     calls = itertools.count(1)
-    augment = train_module.augment
 
-    def killing_augment(*args, **kwargs):
+    def on_step(run, i):
         if next(calls) == n:
             raise Killed
-        return augment(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "augment", killing_augment)
-
-
-def _count_batches(monkeypatch) -> list[int]:
-    counter = [0]
-    augment = train_module.augment
-
-    def counting_augment(*args, **kwargs):
-        counter[0] += 1
-        return augment(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "augment", counting_augment)
-    return counter
-
-
-def _small_test_split(monkeypatch, n: int = 500) -> None:
-    """Cut the test split that train() reads to its first `n` images.
-
-    The final evaluation reads the whole test set: ~3 s on one thread at 28x28, ~20 s at
-    56x56. Tests of what happens before it use this.
-    """
-    load = train_module.load_fashion_mnist
-
-    def small_load(split="train", **kwargs):
-        images, labels = load(split, **kwargs)
-        return (images[:n], labels[:n]) if split == "test" else (images, labels)
-
-    monkeypatch.setattr(train_module, "load_fashion_mnist", small_load)
+    return on_step
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,9 +91,7 @@ def _one_thread(one_thread):
 def reference(tmp_path_factory, _one_thread) -> Path:
     """An uninterrupted run (with drop-path, so its random masks must be repeated too)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        _small_test_split(monkeypatch)
-        assert train_module.main(_argv(out)) == 0
+    _train(_argv(out))
     return out
 
 
@@ -145,27 +130,21 @@ def _assert_same_run(out: Path, ref: Path, argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def test_killed_run_resumes_and_repeats_the_uninterrupted_run(
-    reference, tmp_path, monkeypatch, capsys
-):
-    _small_test_split(monkeypatch)
+def test_killed_run_resumes_and_repeats_the_uninterrupted_run(reference, tmp_path, capsys):
     out = tmp_path / "run"
     argv = _argv(out)
-    _kill_at_batch(monkeypatch, STEPS + 3)  # batch 3 of epoch 2, after epoch 1 was saved
-    with pytest.raises(Killed):
-        train_module.main(argv)
+    with pytest.raises(Killed):  # at batch 3 of epoch 2, after epoch 1 was saved
+        _train(argv, on_step=_kill_at_batch(STEPS + 3))
     state = _state(out)
     assert (state["epoch"], state["step"]) == (1, STEPS)
     assert len(json.loads((out / "metrics.json").read_text())) == 1
     assert not (out / "model.safetensors").exists()
 
-    monkeypatch.undo()
-    _small_test_split(monkeypatch)
-    batches = _count_batches(monkeypatch)
+    batches = []
     capsys.readouterr()
-    assert train_module.main(argv) == 0  # the same command
+    _train(argv, on_step=lambda run, i: batches.append((run.epoch, i)))  # the same command
     assert f"resuming {out} after epoch 1/{EPOCHS}" in capsys.readouterr().out
-    assert batches[0] == (EPOCHS - 1) * STEPS  # epochs 2 and 3 only
+    assert batches == [(e, i) for e in (1, 2) for i in range(STEPS)]  # epochs 2 and 3 only
     _assert_same_run(out, reference, argv)
 
 
@@ -174,7 +153,7 @@ def test_resuming_with_other_settings_names_them(reference, tmp_path):
     shutil.copytree(reference, out)
     before = (out / "state.pt").read_bytes()
     with pytest.raises(ValueError, match="holds a run with other settings") as info:
-        train_module.main(_argv(out, "--lr", "2e-3", "--no-flip"))
+        _train(_argv(out, "--lr", "2e-3", "--no-flip"))
     message = str(info.value)
     assert "'lr': (0.001, 0.002)" in message  # (saved, now)
     assert "'no_flip': (False, True)" in message
@@ -183,20 +162,9 @@ def test_resuming_with_other_settings_names_them(reference, tmp_path):
     assert (out / "state.pt").read_bytes() == before
 
 
-def test_eval_every_skips_evaluations_and_changes_nothing_else(reference, tmp_path,
-                                                              monkeypatch):
-    _small_test_split(monkeypatch)
-    evaluations = []
-    predict = train_module.predict
-
-    def counting_predict(*args, **kwargs):
-        evaluations.append(1)
-        return predict(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "predict", counting_predict)
+def test_eval_every_skips_evaluations_and_changes_nothing_else(reference, tmp_path):
     out = tmp_path / "run"
-    assert train_module.main(_argv(out, "--eval-every", "2")) == 0
-    assert len(evaluations) == 2 + 1  # after epochs 2 and 3 (the last), then the final one
+    _train(_argv(out, "--eval-every", "2"))
     history = json.loads((out / "metrics.json").read_text())
     ref_history = json.loads((reference / "metrics.json").read_text())
     assert [h["test_acc"] for h in history] == [None, ref_history[1]["test_acc"],
@@ -208,12 +176,58 @@ def test_eval_every_skips_evaluations_and_changes_nothing_else(reference, tmp_pa
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
 
 
-@pytest.mark.parametrize("value", ["0", "-1"])
-def test_eval_every_must_be_positive(value, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--eval-every", "0", "eval_every must be a positive number of epochs, got 0"),
+        ("--eval-every", "-1", "eval_every must be a positive number of epochs, got -1"),
+        ("--epochs", "0", "epochs must be at least 1, got 0"),
+        ("--epochs", "-1", "epochs must be at least 1, got -1"),
+        ("--lr", "0", "lr must be a positive number, got 0.0"),
+        ("--limit-train", "0", "limit_train must be at least 1, got 0"),
+        ("--limit-test", "-5", "limit_test must be at least 1, got -5"),
+        ("--img-size", "0", "img_size must be a positive number of pixels, got 0"),
+        ("--clip-grad", "-1", "clip_grad must be >= 0 (0: off), got -1.0"),
+        ("--warmup", "-1", "warmup must be >= 0 epochs, got -1.0"),
+        ("--weight-decay", "-0.1", "weight_decay must be >= 0, got -0.1"),
+        ("--label-smoothing", "-0.1", "label_smoothing must be in [0, 1), got -0.1"),
+        ("--label-smoothing", "1", "label_smoothing must be in [0, 1), got 1.0"),
+        ("--mixup", "-1", "mixup must be >= 0 (0: off), got -1.0"),
+        ("--dropout", "1", "dropout must be in [0, 1), got 1.0"),
+        ("--drop-path", "1", "drop_path must be in [0, 1), got 1.0"),
+        ("--batch-size", "0", "batch_size must be at least 1, got 0"),
+        ("--min-lr", "1", "min_lr must be in [0, lr=0.001], got 1.0"),
+    ],
+)
+def test_bad_settings_exit_2_with_a_message_naming_them(flag, value, message, tmp_path,
+                                                         capsys):
+    with pytest.raises(SystemExit) as info:
+        train_module.parse_args(_argv(tmp_path / "run", flag, value))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # argparse's one-line refusal, after the usage
+    assert last.startswith("python -m vit_tutorial.train: error: ") and message in last
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_model_names_the_closest_presets(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train_module.parse_args(_argv(tmp_path, "--eval-every", value))
-    assert f"--eval-every must be a positive number of epochs, got {value}" in (
+        train_module.parse_args(["--model", "vit_nano_patch4", "--out", str(tmp_path)])
+    assert "unknown model 'vit_nano_patch4'; did you mean vit_nano_patch4_28" in (
         capsys.readouterr().err)
+
+
+def test_train_config_separates_the_run_from_this_invocation():
+    defining = TrainConfig.resume_fields()
+    assert {"model", "epochs", "lr", "seed", "img_size", "init", "limit_train"} <= set(defining)
+    invocation = {"out", "device", "compile", "amp", "eval_every", "limit_test", "save_dtype",
+                  "no_progress", "argv"}
+    assert invocation.isdisjoint(defining)
+    names = {f.name for f in __import__("dataclasses").fields(TrainConfig)}
+    assert set(defining) | invocation == names
+    # The preset's own size is the same run as no size at all (and resumes as one).
+    assert TrainConfig(model=MODEL, out="x", img_size=28).img_size is None
+    assert TrainConfig(model=MODEL, out="x", img_size=56).img_size == 56
 
 
 @pytest.mark.parametrize("killed_file", ["last.safetensors", "state.pt"])
@@ -221,7 +235,6 @@ def test_kill_while_saving_keeps_the_previous_epoch(
     killed_file, reference, tmp_path, monkeypatch
 ):
     """A kill half-way through writing epoch 2's file leaves epoch 1's file readable."""
-    _small_test_split(monkeypatch)
     out = tmp_path / "run"
     argv = _argv(out)
     if killed_file == "last.safetensors":
@@ -245,7 +258,7 @@ def test_kill_while_saving_keeps_the_previous_epoch(
 
         monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(Killed):
-        train_module.main(argv)
+        _train(argv)
 
     state = _state(out)  # loads: it is epoch 1's, whole
     assert (state["epoch"], state["step"], len(state["history"])) == (1, STEPS, 1)
@@ -262,8 +275,7 @@ def test_kill_while_saving_keeps_the_previous_epoch(
     ]
 
     monkeypatch.undo()
-    _small_test_split(monkeypatch)
-    assert train_module.main(argv) == 0
+    _train(argv)
     _assert_same_run(out, reference, argv)
 
 
@@ -278,29 +290,35 @@ def test_absurd_lr_stops_with_the_step_on_stderr(tmp_path, capsys):
     captured = capsys.readouterr()
     # Step 0 sees the initial weights; its update at lr ~1e29 overflows the next forward.
     assert captured.err.startswith(
-        "error: the loss became non-finite at step 1 (epoch 1, batch 2); "
+        "error: the loss or the gradient became non-finite at step 1 (epoch 1, batch 2); "
         "stopping without saving this epoch. Try a lower --lr (now 1e+30)"
     )
     assert "accuracy" not in captured.out
     assert list(out.iterdir()) == []  # nothing saved
 
 
-def _nan_at_step(monkeypatch, bad_step: int) -> None:
-    """The model's logits become NaN at training step `bad_step` (counting from 0)."""
-    create = train_module.create_model
+def _model_with_nan_logits_at(bad_step: int) -> torch.nn.Module:
+    """The preset whose logits become NaN at training step `bad_step` (counting from 0)."""
+    torch.manual_seed(0)
+    model = create_model(MODEL, drop_path_rate=0.1)
+    steps = itertools.count()
 
-    def create_model(*args, **kwargs):
-        model = create(*args, **kwargs)
-        steps = itertools.count()
+    def hook(module, inputs, output):
+        if module.training and next(steps) == bad_step:
+            return output * float("nan")  # still part of the graph
 
-        def hook(module, inputs, output):
-            if module.training and next(steps) == bad_step:
-                return output * float("nan")  # still part of the graph
+    model.register_forward_hook(hook)
+    return model
 
-        model.register_forward_hook(hook)
-        return model
 
-    monkeypatch.setattr(train_module, "create_model", create_model)
+def _model_with_nan_gradient_at(bad_step: int) -> torch.nn.Module:
+    """The preset whose head gets a NaN gradient at step `bad_step`; every loss is finite."""
+    torch.manual_seed(0)
+    model = create_model(MODEL, drop_path_rate=0.1)
+    steps = itertools.count()
+    model.head.weight.register_hook(
+        lambda grad: grad * float("nan") if next(steps) == bad_step else grad)
+    return model
 
 
 @pytest.mark.parametrize(
@@ -311,15 +329,14 @@ def _nan_at_step(monkeypatch, bad_step: int) -> None:
     ],
 )
 def test_nonfinite_loss_names_its_first_step_and_keeps_the_last_epoch(
-    batch_size, bad_step, where, tmp_path, monkeypatch
+    batch_size, bad_step, where, tmp_path
 ):
     # The loss is read every 25 steps only; NaN weights make every later loss NaN too,
     # so the message must name the first bad step, not the step that noticed it.
-    _nan_at_step(monkeypatch, bad_step)
     out = tmp_path / "run"
     argv = _argv(out, "--batch-size", str(batch_size), epochs=2)
     with pytest.raises(FloatingPointError, match=re.escape(f"at step {bad_step} ({where})")):
-        _train(argv)
+        _train(argv, model=_model_with_nan_logits_at(bad_step))
     state = _state(out)
     assert state["epoch"] == 1  # epoch 2 was not saved
     assert all(torch.isfinite(t).all() for t in state["model"].values())
@@ -327,26 +344,62 @@ def test_nonfinite_loss_names_its_first_step_and_keeps_the_last_epoch(
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())] == [1]
 
 
+@pytest.mark.parametrize("clip", ["1.0", "0"])
+def test_nan_gradient_on_the_last_step_saves_nothing(clip, tmp_path):
+    """A finite loss with a NaN gradient on the run's very last step: epoch 1 stays the last
+    saved epoch and no model.safetensors is written (with clipping on and off)."""
+    out = tmp_path / "run"
+    argv = _argv(out, "--clip-grad", clip, epochs=2)
+    last = 2 * STEPS - 1
+    with pytest.raises(FloatingPointError, match=re.escape(f"at step {last} (epoch 2, batch 4)")):
+        _train(argv, model=_model_with_nan_gradient_at(last))
+    state = _state(out)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    model, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert not (out / "model.safetensors").exists()
+
+
+def test_train_step_is_the_step_written_out():
+    """One `train_step` equals forward, cross-entropy, backward, clipping and AdamW by hand."""
+    x = torch.randn(8, 1, 28, 28)
+    y = torch.arange(8) % 10
+    models = [create_model(MODEL) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW(param_groups(m, 0.05), lr=1.0) for m in models]
+    loss, logits, norm = train_step(models[0], opts[0], x, y, lr=3e-3, clip_grad=0.5,
+                                    label_smoothing=0.1)
+    for group in opts[1].param_groups:
+        group["lr"] = 3e-3
+    by_hand = torch.nn.functional.cross_entropy(models[1](x), y, label_smoothing=0.1)
+    by_hand.backward()
+    norm_by_hand = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in models[1].parameters()]))
+    torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.5)
+    opts[1].step()
+    torch.testing.assert_close(loss, by_hand.detach())
+    torch.testing.assert_close(norm, norm_by_hand)
+    assert logits.shape == (8, 10) and norm > 0.5  # the clipping did something
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 # ---------------------------------------------------------------------------------------
 # Fine-tuning from a checkpoint at another resolution
 # ---------------------------------------------------------------------------------------
 
 
-def test_init_at_56_resamples_pos_embed_in_2d_and_records_the_parent(tmp_path, monkeypatch):
+def test_init_at_56_resamples_pos_embed_in_2d_and_records_the_parent(tmp_path):
     parent = create_model(MODEL)
     ckpt = save_checkpoint(parent, tmp_path / "parent.safetensors", preset=MODEL, accuracy=0.5)
-    start = {}
-    load = train_module.load_checkpoint
-
-    def spying_load(path, **overrides):  # the model train() starts from
-        model, meta = load(path, **overrides)
-        start["pos_embed"] = model.pos_embed.weight.detach().clone()
-        return model, meta
-
-    monkeypatch.setattr(train_module, "load_checkpoint", spying_load)
-    _small_test_split(monkeypatch)
     out = tmp_path / "fine_tuned"
-    result = _train(_argv(out, "--init", str(ckpt), "--img-size", "56", epochs=1))
+    argv = _argv(out, "--init", str(ckpt), "--img-size", "56", epochs=1)
+    start = {"pos_embed": train_module.setup(train_module.parse_args(argv), data=_data())
+             .model.pos_embed.weight.detach().clone()}  # the model train() starts from
+    result = _train(argv)
 
     # 28/4 = 7x7 patches become 56/4 = 14x14; the class token's row stays as it was.
     table = parent.pos_embed.weight.detach()  # (1, 1 + 49, 64)
@@ -406,9 +459,7 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("accuracy: ") == 1  # only process 0 reports
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        _small_test_split(monkeypatch)
-        _train(_argv(single, *extra))
+    _train(_argv(single, *extra))
 
     weights, ref = load_file(ddp / "model.safetensors"), load_file(single / "model.safetensors")
     torch.manual_seed(0)  # --seed 0: the weights both runs started from
