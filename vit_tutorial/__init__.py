@@ -1,5 +1,8 @@
 """vit_tutorial: the Vision Transformer, built step by step. One module per notebook."""
 
+import importlib
+
+from . import explain
 from .attention import MultiHeadAttention, scaled_dot_product_attention
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .data import (
@@ -37,3 +40,11 @@ from .utils import count_parameters, set_seed
 from .vit import VisionTransformer, ViTConfig
 
 __version__ = "0.1.0"
+
+_LAZY = ("plots", "widgets")  # they import matplotlib and ipywidgets: only when asked for
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
