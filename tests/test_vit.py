@@ -1,5 +1,7 @@
 """The assembled ViT: parameter counts, parity with timm, heads, attention maps, errors."""
 
+import re
+
 import pytest
 import torch
 from conftest import count_params
@@ -198,3 +200,31 @@ def test_load_timm_state_dict_names_bad_keys():
     assert "unexpected keys ['blocks.0.attn.extra']" in msg
     assert "pos_embed.weight: expected (1, 50, 64), got (1, 10, 64)" in msg
     assert "resample_pos_embed" in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(depth=-1), "depth must be an int >= 0, got -1"),
+        (dict(mlp_ratio=0), "mlp_ratio must be > 0, with a hidden width int(embed_dim * "
+                            "mlp_ratio) >= 1, got 0"),
+        (dict(norm_eps=0.0), "norm_eps must be > 0, got 0.0"),
+        (dict(img_size=0), "img_size must be positive (height, width), got (0, 0)"),
+        (dict(in_chans=0), "in_chans must be a positive int, got 0"),
+        (dict(num_heads=-3), "num_heads must be a positive int, got -3"),
+        (dict(num_heads=0), "num_heads must be a positive int, got 0"),
+        (dict(patch_size=0), "patch_size must be a positive int, got 0"),
+        (dict(num_classes=-1), "num_classes must be an int >= 0 (0: no head), got -1"),
+        (dict(representation_size=-1), "representation_size must be None or an int >= 0, got -1"),
+        (dict(drop_path_rate=1.0), "drop_path_rate must be in [0, 1), got 1.0"),
+        (dict(attn_drop_rate=-0.1), "attn_drop_rate must be in [0, 1), got -0.1"),
+    ],
+)
+def test_config_refuses_sizes_and_rates_out_of_range(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ViTConfig(**overrides)
+
+
+def test_config_names_every_problem_at_once():
+    with pytest.raises(ValueError, match=r"embed_dim must be a positive int, got 0; mlp_ratio"):
+        ViTConfig(embed_dim=0)

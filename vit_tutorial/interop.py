@@ -42,6 +42,15 @@ def from_timm_key(key: str, *, pool: str = "token") -> str:
     return key
 
 
+_SHOWN = 8  # names listed in an error; the rest are counted
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_SHOWN])
+    more = f", ... {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return f"[{shown}{more}] ({len(names)})"
+
+
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Raise a ValueError listing missing, unexpected and mis-shaped keys, if any."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -56,11 +65,12 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing}")
+            parts.append(f"missing keys {_some(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
+            parts.append(f"unexpected keys {_some(unexpected)}")
         if shapes:
-            parts.append(f"mis-shaped keys [{'; '.join(shapes)}]")
+            parts.append(f"mis-shaped keys [{'; '.join(shapes[:_SHOWN])}"
+                         f"{f'; ... {len(shapes) - _SHOWN} more' if len(shapes) > _SHOWN else ''}]")
         hint = ""
         if any(k.startswith("pos_embed") for k in shapes):
             hint = " (a different image size? see vit_tutorial.resample_pos_embed)"

@@ -65,6 +65,7 @@ class ViTConfig:
         self.img_size = to_2tuple(self.img_size)
         self.hybrid_layers = tuple(self.hybrid_layers)
         self.t2t_kernels = tuple(tuple(k) for k in self.t2t_kernels)
+        _check_ranges(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
@@ -94,6 +95,39 @@ class ViTConfig:
 
     def replace(self, **changes) -> ViTConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_ranges(cfg: ViTConfig) -> None:
+    """Every size positive, every rate a probability: zero heads or a zero MLP ratio would
+    otherwise divide by zero deep inside, or quietly build another model."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    rules = [
+        ("img_size", cfg.img_size, all(positive_int(v) for v in cfg.img_size),
+         "positive (height, width)"),
+        ("patch_size", cfg.patch_size, positive_int(cfg.patch_size), "a positive int"),
+        ("in_chans", cfg.in_chans, positive_int(cfg.in_chans), "a positive int"),
+        ("num_classes", cfg.num_classes, isinstance(cfg.num_classes, int)
+         and cfg.num_classes >= 0, "an int >= 0 (0: no head)"),
+        ("embed_dim", cfg.embed_dim, positive_int(cfg.embed_dim), "a positive int"),
+        ("depth", cfg.depth, isinstance(cfg.depth, int) and cfg.depth >= 0, "an int >= 0"),
+        ("num_heads", cfg.num_heads, positive_int(cfg.num_heads), "a positive int"),
+        ("mlp_ratio", cfg.mlp_ratio, cfg.mlp_ratio > 0 and int(cfg.embed_dim * cfg.mlp_ratio)
+         >= 1, "> 0, with a hidden width int(embed_dim * mlp_ratio) >= 1"),
+        ("representation_size", cfg.representation_size, cfg.representation_size is None
+         or (isinstance(cfg.representation_size, int) and cfg.representation_size >= 0),
+         "None or an int >= 0"),
+        ("hybrid_width", cfg.hybrid_width, positive_int(cfg.hybrid_width), "a positive int"),
+        ("t2t_token_dim", cfg.t2t_token_dim, positive_int(cfg.t2t_token_dim), "a positive int"),
+        ("norm_eps", cfg.norm_eps, cfg.norm_eps > 0, "> 0"),
+        *[(name, getattr(cfg, name), 0 <= getattr(cfg, name) < 1, "in [0, 1)")
+          for name in ("drop_rate", "attn_drop_rate", "drop_path_rate")],
+    ]
+    problems = [f"{name} must be {rule}, got {value!r}" for name, value, ok, rule in rules
+                if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def build_tokenizer(cfg: ViTConfig) -> nn.Module:
