@@ -427,3 +427,13 @@ def test_mix_rejects_bad_input():
     with pytest.raises(ValueError, match="mixup_alpha > 0 or cutmix_alpha > 0"):
         _mix(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), mixup_alpha=0,
              cutmix_alpha=0)
+
+
+def test_unverified_files_must_still_hold_the_whole_split(test_copy):
+    # A valid IDX pair of 9,999 images and labels: structurally fine, one image short.
+    _rewrite(test_copy / IMAGES,
+             lambda raw: raw[:4] + (9999).to_bytes(4, "big") + raw[8:-28 * 28])
+    _rewrite(test_copy / LABELS, lambda raw: raw[:4] + (9999).to_bytes(4, "big") + raw[8:-1])
+    with pytest.raises(ValueError, match=re.escape(IMAGES) + r": 9999 images, expected the "
+                                         r"10,000 of Fashion-MNIST's test split"):
+        load_fashion_mnist("test", root=test_copy, verify=False)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -91,3 +93,17 @@ def test_without_position_embeddings_the_model_is_blind_to_patch_order():
     torch.testing.assert_close(model(shuffled), model(x), atol=1e-5, rtol=1e-5)
     with_pos = create_model("vit_nano_patch4_28").eval()
     assert not torch.allclose(with_pos(shuffled), with_pos(x), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(new_size=0), "new_size must be a positive grid (rows, cols), got (0, 0)"),
+        (dict(new_size=(3, 0)), "new_size must be a positive grid (rows, cols), got (3, 0)"),
+        (dict(new_size=(14, 14), num_prefix_tokens=50),
+         "num_prefix_tokens=50 leaves no grid rows in a table of 50 rows"),
+    ],
+)
+def test_resample_pos_embed_refuses_empty_grids(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resample_pos_embed(torch.zeros(1, 50, 8), **kwargs)

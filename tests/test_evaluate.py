@@ -138,3 +138,39 @@ def test_preprocess_reads_uint8_and_float_alike_and_resizes():
     assert big.shape == (8, 1, 56, 56)
     # Bilinear upsampling by 2 keeps the mean of each image (up to the border).
     torch.testing.assert_close(big.mean((2, 3)), x.mean((2, 3)), atol=2e-2, rtol=0)
+
+
+def test_predict_refuses_an_empty_batch_and_a_zero_batch_size():
+    model = create_model("vit_nano_patch4_28")
+    with pytest.raises(ValueError, match=r"expected at least one image, got a batch of shape "
+                                         r"\(0, 28, 28\)"):
+        predict(model, torch.zeros(0, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="batch_size must be a positive int or None, got 0"):
+        predict(model, torch.zeros(2, 28, 28, dtype=torch.uint8), batch_size=0)
+
+
+@pytest.mark.parametrize("num_classes", [5, 100, 0])
+def test_evaluate_refuses_a_model_of_other_classes_before_the_pass(num_classes, tmp_path):
+    model = create_model("vit_nano_patch4_28", num_classes=num_classes)
+    with pytest.raises(ValueError, match=rf"expected a Fashion-MNIST model \(in_chans=1, "
+                                         rf"num_classes=10\), got in_chans=1, "
+                                         rf"num_classes={num_classes}"):
+        evaluate(model)
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "vit_tutorial.evaluate", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("python -m vit_tutorial.evaluate: error: "
+                                                   "expected a Fashion-MNIST model")
+
+
+@pytest.mark.parametrize("what", ["folder", "missing", "batch"])
+def test_evaluate_cli_refusals_are_one_line(what, tmp_path):
+    argv = {"folder": [str(tmp_path)], "missing": [str(tmp_path / "none.safetensors")],
+            "batch": [str(tmp_path / "none.safetensors"), "--batch-size", "0"]}[what]
+    proc = subprocess.run([sys.executable, "-m", "vit_tutorial.evaluate", *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    expected = {"folder": "is a folder; expected a .safetensors checkpoint file",
+                "missing": "no checkpoint at", "batch": "--batch-size must be a positive"}[what]
+    assert expected in proc.stderr.splitlines()[-1]

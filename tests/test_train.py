@@ -60,7 +60,7 @@ def _train(argv: list[str], **kwargs) -> dict:
 
 
 def _state(out: Path) -> dict:
-    return torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+    return train_module.read_state(out / "state.pt")
 
 
 def _without_timings(history: list[dict]) -> list[dict]:
@@ -162,6 +162,60 @@ def test_resuming_with_other_settings_names_them(reference, tmp_path):
     assert (out / "state.pt").read_bytes() == before
 
 
+def test_a_finished_run_is_never_overwritten(reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    # The same command again: nothing to do, the recorded result comes back.
+    result = _train(_argv(out))
+    assert "already holds this finished run" in capsys.readouterr().out
+    assert result == read_metadata(out / "model.safetensors")[1]
+    # Without its state.pt, the folder's model and log belong to another run: refused.
+    (out / "state.pt").unlink()
+    del files["state.pt"]
+    with pytest.raises(ValueError, match=r"holds another run's model.safetensors, "
+                                         r"metrics.json but no state.pt to resume it from; "
+                                         r"use another --out"):
+        _train(_argv(out, "--lr", "2e-3"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == files
+
+
+def test_a_second_run_in_the_same_folder_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "run"
+    first = train_module.setup(train_module.parse_args(_argv(out)), data=_data())
+    try:
+        with pytest.raises(ValueError, match=rf"{re.escape(str(out))} is in use by pid "
+                                             rf"{os.getpid()} on .*: python -m "
+                                             rf"vit_tutorial.train --model {MODEL}"):
+            _train(_argv(out))
+    finally:
+        first.close()
+    _train(_argv(out, epochs=1))  # released: the folder can be used again
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*file is a file; expected a folder"):
+        _train(_argv(tmp_path / "file"))
+
+
+def test_a_damaged_state_is_reported_not_resumed(reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    raw = bytearray((out / "state.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit inside the state's bytes
+    (out / "state.pt").write_bytes(bytes(raw))
+    with pytest.raises(ValueError) as info:
+        _train(_argv(out))
+    message = str(info.value)
+    assert message.startswith(f"{out / 'state.pt'} ")
+    assert "use another --out" in message and "weights_only" not in message
+    (out / "state.pt").write_bytes(b"not a state")
+    with pytest.raises(ValueError, match=r"is not a readable training state \(truncated or "
+                                         r"corrupt: .*\); use another --out"):
+        _train(_argv(out))
+
+
 def test_eval_every_skips_evaluations_and_changes_nothing_else(reference, tmp_path):
     out = tmp_path / "run"
     _train(_argv(out, "--eval-every", "2"))
@@ -248,10 +302,11 @@ def test_kill_while_saving_keeps_the_previous_epoch(
 
         monkeypatch.setattr(checkpoint_module, "save_file", dying_save_file)
     else:
-        save = torch.save
+        save, states = torch.save, itertools.count(1)
 
         def dying_save(obj, f, *args, **kwargs):
-            if isinstance(obj, dict) and obj.get("epoch") == 2:
+            # state.pt holds a SHA-256 and the bytes of the state: this is its second write
+            if isinstance(obj, dict) and "payload" in obj and next(states) == 2:
                 Path(f).write_bytes(b"half a pickle")
                 raise Killed
             return save(obj, f, *args, **kwargs)
@@ -269,13 +324,16 @@ def test_kill_while_saving_keeps_the_previous_epoch(
             assert torch.equal(t, state["model"][name]), name
     else:
         assert meta["epoch"] == 2  # written before state.pt; resuming does not read it
-    # The temporary file was removed (after a real SIGKILL a hidden .tmp would remain).
+    # The temporary file was removed (after a real SIGKILL a hidden .tmp would remain, and
+    # the next start removes it: below).
     assert sorted(p.name for p in out.iterdir()) == [
-        "last.safetensors", "metrics.json", "state.pt"
+        ".lock", "last.safetensors", "metrics.json", "state.pt"
     ]
 
     monkeypatch.undo()
+    (out / ".state.pt.k1ll3d.tmp").write_bytes(b"what a SIGKILL leaves")
     _train(argv)
+    assert not list(out.glob(".*.tmp"))
     _assert_same_run(out, reference, argv)
 
 
@@ -294,7 +352,7 @@ def test_absurd_lr_stops_with_the_step_on_stderr(tmp_path, capsys):
         "stopping without saving this epoch. Try a lower --lr (now 1e+30)"
     )
     assert "accuracy" not in captured.out
-    assert list(out.iterdir()) == []  # nothing saved
+    assert [p.name for p in out.iterdir()] == [".lock"]  # nothing saved
 
 
 def _model_with_nan_logits_at(bad_step: int) -> torch.nn.Module:
@@ -397,8 +455,9 @@ def test_init_at_56_resamples_pos_embed_in_2d_and_records_the_parent(tmp_path):
     ckpt = save_checkpoint(parent, tmp_path / "parent.safetensors", preset=MODEL, accuracy=0.5)
     out = tmp_path / "fine_tuned"
     argv = _argv(out, "--init", str(ckpt), "--img-size", "56", epochs=1)
-    start = {"pos_embed": train_module.setup(train_module.parse_args(argv), data=_data())
-             .model.pos_embed.weight.detach().clone()}  # the model train() starts from
+    run = train_module.setup(train_module.parse_args(argv), data=_data())
+    start = {"pos_embed": run.model.pos_embed.weight.detach().clone()}  # what train() starts from
+    run.close()  # release the folder
     result = _train(argv)
 
     # 28/4 = 7x7 patches become 56/4 = 14x14; the class token's row stays as it was.

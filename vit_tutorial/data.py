@@ -214,6 +214,11 @@ def load_fashion_mnist(
         _file_key(folder.resolve() / labels_name),
         verify,
     )
+    if len(images) != _SPLIT_SIZES[split]:  # verify=False trusts the bytes, not the count
+        raise ValueError(
+            f"{folder / images_name}: {len(images)} images, expected the {_SPLIT_SIZES[split]:,} "
+            f"of Fashion-MNIST's {split} split"
+        )
     # (N, 28, 28) uint8 and (N,) int64, both copies of the cached arrays.
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 

@@ -215,7 +215,14 @@ def resample_pos_embed(
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"expected pos_embed of shape (1, L, D), got {tuple(pos_embed.shape)}")
     new_size = (new_size, new_size) if isinstance(new_size, int) else tuple(new_size)
+    if len(new_size) != 2 or not all(isinstance(v, int) and v >= 1 for v in new_size):
+        raise ValueError(f"new_size must be a positive grid (rows, cols), got {new_size}")
     num_grid = pos_embed.shape[1] - num_prefix_tokens
+    if not 0 <= num_prefix_tokens or num_grid < 1:
+        raise ValueError(
+            f"num_prefix_tokens={num_prefix_tokens} leaves no grid rows in a table of "
+            f"{pos_embed.shape[1]} rows; expected 0 <= num_prefix_tokens < {pos_embed.shape[1]}"
+        )
     if old_size is None:
         side = math.isqrt(num_grid)
         if side * side != num_grid:

@@ -1,7 +1,7 @@
 """Test accuracy of a checkpoint on all 10,000 Fashion-MNIST test images (notebook 05).
 
-    python -m vit_tutorial.evaluate data/checkpoints/vit_mini_patch4_28.safetensors
-    accuracy: 0.9xxx (9xxx/10000)
+    python -m vit_tutorial.evaluate data/checkpoints/vit.safetensors
+    accuracy: 0.9456 (9456/10000)
 
 `--confusion PATH` also writes the 10x10 confusion matrix (rows: true class, columns:
 predicted) as JSON. Runs on the CPU in float32 by default, so the count is reproducible.
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint
 from .data import FASHION_MNIST_CLASSES, load_fashion_mnist, normalize
 
-__all__ = ["preprocess", "predict", "evaluate", "confusion_matrix", "main"]
+__all__ = ["preprocess", "predict", "evaluate", "confusion_matrix",
+           "check_fashion_mnist_model", "main"]
 
 
 def preprocess(images: torch.Tensor, img_size: tuple[int, int] = (28, 28)) -> torch.Tensor:
@@ -53,6 +54,11 @@ def predict(
     `amp=True` runs under bfloat16 autocast: fast on a GPU, but the count may differ by a
     few images from float32, so reported accuracies use the default.
     """
+    if len(images) == 0:
+        raise ValueError(f"expected at least one image, got a batch of shape "
+                         f"{tuple(images.shape)}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     model = model.eval().to(device)
     device = torch.device(device)
     if batch_size is None:
@@ -76,6 +82,7 @@ def evaluate(
     model: torch.nn.Module, *, batch_size: int | None = None, device: str | torch.device = "cpu"
 ) -> dict:
     """Accuracy and confusion matrix on the full test set."""
+    check_fashion_mnist_model(model)
     images, labels = load_fashion_mnist("test")
     pred = predict(model, images, batch_size=batch_size, device=device).argmax(1)
     correct = int((pred == labels).sum())
@@ -88,6 +95,17 @@ def evaluate(
     }
 
 
+def check_fashion_mnist_model(model: torch.nn.Module) -> None:
+    """A model that reads 1-channel images and scores the 10 classes, or a ValueError."""
+    cfg = model.config
+    if cfg.num_classes != len(FASHION_MNIST_CLASSES) or cfg.in_chans != 1:
+        raise ValueError(
+            f"expected a Fashion-MNIST model (in_chans=1, num_classes="
+            f"{len(FASHION_MNIST_CLASSES)}), got in_chans={cfg.in_chans}, "
+            f"num_classes={cfg.num_classes}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vit_tutorial.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--confusion", metavar="PATH", help="write the confusion matrix as JSON")
     args = p.parse_args(argv)
-    model, _ = load_checkpoint(args.checkpoint)
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be a positive number of images, got {args.batch_size}")
+    try:
+        model, _ = load_checkpoint(args.checkpoint)
+        check_fashion_mnist_model(model)
+    except (ValueError, FileNotFoundError, IsADirectoryError) as e:
+        p.error(str(e))
     result = evaluate(model, batch_size=args.batch_size, device=args.device)
     print(f"accuracy: {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
     if args.confusion:

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
 import shlex
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    read_metadata,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .data import augment, load_fashion_mnist, mixup_cutmix
 from .evaluate import predict, preprocess
 from .presets import create_model, get_config
@@ -58,12 +67,14 @@ __all__ = [
     "save_run",
     "finish",
     "train",
+    "read_state",
     "main",
     "cosine_schedule",
     "param_groups",
 ]
 
 NUM_CLASSES = 10  # Fashion-MNIST
+STATE_FORMAT = "vit_tutorial.state/1"  # state.pt: a SHA-256 and the pickled state's bytes
 CHOICES = {"amp": ("auto", "bf16", "off"), "save_dtype": ("float32", "bfloat16", "float16")}
 
 
@@ -286,6 +297,13 @@ class Run:
     history: list[dict] = field(default_factory=list)
     elapsed: float = 0.0  # seconds spent in epochs
     started: float = field(default_factory=time.time)
+    lock: io.TextIOBase | None = None  # held on DIR/.lock while the run is set up
+
+    def close(self) -> None:
+        """Release the folder for the next run (exiting the process releases it too)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     @property
     def main_process(self) -> bool:
@@ -443,22 +461,52 @@ def save_run(run: Run) -> None:
                  config={k: getattr(run.cfg, k) for k in TrainConfig.resume_fields()})
     save_checkpoint(run.model, run.out / "last.safetensors", preset=run.cfg.model,
                     epoch=run.epoch)
-    atomic_write(run.out / "state.pt", lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    wrapped = dict(format=STATE_FORMAT, sha256=hashlib.sha256(payload).hexdigest(),
+                   payload=torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    atomic_write(run.out / "state.pt", lambda tmp: torch.save(wrapped, tmp))
     _write_json(run.out / "metrics.json", run.history)
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """The training state in `path`, verified against its SHA-256 (never unpickling code)."""
+    path = Path(path)
+    what = f"{path} is not a readable training state"
+    try:
+        wrapped = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own text may advise weights_only=False: never do that
+        raise ValueError(f"{what} (truncated or corrupt: {type(e).__name__}); "
+                         f"use another --out to start afresh") from None
+    if not isinstance(wrapped, dict) or "payload" not in wrapped:
+        if isinstance(wrapped, dict) and {"model", "optimizer", "epoch"} <= set(wrapped):
+            return wrapped  # written before states carried a SHA-256
+        raise ValueError(f"{what}: expected a {STATE_FORMAT!r} file")
+    payload = wrapped["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapped.get("sha256"):
+        raise ValueError(f"{path} is corrupt: its content does not match its SHA-256; "
+                         f"use another --out to start afresh")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def _load_state(run: Run) -> None:
     """Continue from `state.pt` when the folder holds one, with the same settings only."""
     path = run.out / "state.pt"
     if not path.exists():
+        # Without a state, a finished model or a log is another run's result: keep it.
+        others = [n for n in ("model.safetensors", "metrics.json") if (run.out / n).exists()]
+        if others:
+            raise ValueError(f"{run.out} holds another run's {', '.join(others)} but no "
+                             f"state.pt to resume it from; use another --out")
         return
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state(path)
     saved = state["config"] if "config" in state else state["args"]  # older runs: "args"
     changed = {k: (saved.get(k), getattr(run.cfg, k)) for k in TrainConfig.resume_fields()
                if saved.get(k) != getattr(run.cfg, k)}
     if changed:
         raise ValueError(f"{run.out} holds a run with other settings {changed} (saved, now); "
-                         f"use another --out or delete {path}")
+                         f"use another --out")
     run.model.load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     run.epoch, run.step = state["epoch"], state["step"]
@@ -518,6 +566,50 @@ def setup(
     rank, world, device = _setup_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+    lock = _claim_folder(Path(cfg.out), cfg.command) if rank == 0 else None
+    try:
+        return _setup(cfg, data=data, model=model, rank=rank, world=world, device=device,
+                      lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _claim_folder(out: Path, command: str) -> io.TextIOBase:
+    """Create `out`, lock it for this process and clear what a killed write left there.
+
+    A second run in the same folder is refused with the first one's pid, host and command.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{out} is in use by {holder}; wait for it to end or use "
+                         f"another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} "
+            f"(since {time.strftime('%Y-%m-%d %H:%M:%S')}): {command}\n")
+    f.flush()
+    remove_stale_temporaries(out)
+    return f
+
+
+def _setup(cfg, *, data, model, rank, world, device, lock) -> Run:
     if data is None:
         data = (*load_fashion_mnist("train"), *load_fashion_mnist("test"))
     images, labels, test_images, test_labels = data
@@ -537,9 +629,7 @@ def setup(
               test_images=test_images, test_labels=test_labels,
               steps_per_epoch=steps_per_epoch,
               amp=cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"),
-              rank=rank, world=world, parent_meta=parent_meta)
-    if run.main_process:
-        run.out.mkdir(parents=True, exist_ok=True)
+              rank=rank, world=world, parent_meta=parent_meta, lock=lock)
     _load_state(run)
     if world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(
@@ -578,6 +668,19 @@ def train(
 ) -> dict:
     """The whole run: set up (or resume), train and save every epoch, then finish."""
     run = setup(cfg, data=data, model=model)
+    try:
+        return _loop(run, on_step=on_step)
+    finally:
+        run.close()
+
+
+def _loop(run: Run, *, on_step) -> dict:
+    cfg = run.cfg
+    final = run.out / "model.safetensors"
+    if run.epoch >= cfg.epochs and final.exists():  # the same command, already finished
+        if run.main_process:
+            print(f"{run.out} already holds this finished run; nothing to do", flush=True)
+        return read_metadata(final)[1]
     while run.epoch < cfg.epochs:
         log = train_epoch(run, on_step=on_step)
         if run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs:
@@ -606,9 +709,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (FloatingPointError, ValueError) as e:
+    except FloatingPointError as e:  # the run went wrong: status 1
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, FloatingPointError) else 2
+        return 1
+    except (ValueError, FileNotFoundError, IsADirectoryError) as e:  # refused: status 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
