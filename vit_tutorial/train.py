@@ -451,11 +451,7 @@ def save_run(run: Run) -> None:
     """Write the finished epoch: last.safetensors, then state.pt (what resuming reads), then
     metrics.json, each atomically. The weights are checked first: non-finite ones are never
     written over a good epoch."""
-    bad = [n for n, t in run.model.state_dict().items()
-           if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise FloatingPointError(f"non-finite weights after epoch {run.epoch} in {bad[:3]}; "
-                                 f"not saving over the last good epoch")
+    _check_finite_weights(run)
     state = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(),
                  epoch=run.epoch, step=run.step, history=run.history, elapsed=run.elapsed,
                  config={k: getattr(run.cfg, k) for k in TrainConfig.resume_fields()})
@@ -468,6 +464,14 @@ def save_run(run: Run) -> None:
                    payload=torch.frombuffer(bytearray(payload), dtype=torch.uint8))
     atomic_write(run.out / "state.pt", lambda tmp: torch.save(wrapped, tmp))
     _write_json(run.out / "metrics.json", run.history)
+
+
+def _check_finite_weights(run: Run) -> None:
+    bad = [n for n, t in run.model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite weights after epoch {run.epoch} in {bad[:3]}; "
+                                 f"not saving over the last good epoch")
 
 
 def read_state(path: str | os.PathLike) -> dict:
@@ -642,6 +646,7 @@ def _setup(cfg, *, data, model, rank, world, device, lock) -> Run:
 def finish(run: Run) -> dict:
     """Count the final model's correct test images (float32) and save model.safetensors."""
     cfg = run.cfg
+    _check_finite_weights(run)
     correct, total = estimate_accuracy(run)
     result = dict(
         preset=cfg.model, accuracy=correct / total, correct=correct,
