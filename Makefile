@@ -4,34 +4,58 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+# Extra arguments for JupyterLab, e.g. `make lab LAB_ARGS="--port 8899"`.
+LAB_ARGS ?=
+# JupyterLab refuses to start as root (containers, cloud VMs) unless asked to.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
+# Python 3.10 or newer; a .venv made by an older one is rebuilt.
+PY_OK := import sys; sys.exit(sys.version_info < (3, 10))
 
-.PHONY: setup lab test unit checkpoints nbval lint notebooks benchmark clean
+.PHONY: setup lab test unit checkpoints nbval lint notebooks benchmark clean python-version
+
+python-version:
+	@$(PYTHON) -c "$(PY_OK)" 2>/dev/null || { \
+	  echo "error: this course needs Python 3.10 or newer; '$(PYTHON)' is" \
+	       "$$($(PYTHON) --version 2>/dev/null || echo 'not found'). Run: make PYTHON=python3.12 ..." >&2; \
+	  exit 2; }
+	@if [ -x $(BIN)/python ] && ! $(BIN)/python -c "$(PY_OK)"; then \
+	  echo "$(VENV) was made by $$($(BIN)/python --version); rebuilding it with $(PYTHON)"; \
+	  rm -rf $(VENV); fi
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@$(MAKE) --no-print-directory python-version
+	@test -x $(BIN)/python || { echo "creating $(VENV) with $$($(PYTHON) --version)"; \
+	  $(PYTHON) -m venv $(VENV); }
+	@echo "installing the package and its tools into $(VENV) (pip shows its progress)"
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: python-version $(STAMP)
 
+# Serves on 127.0.0.1 and holds this terminal until Ctrl+C; open the URL it prints.
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab --ip=127.0.0.1 $(ROOT_FLAG) $(LAB_ARGS) notebooks/
 
 test: lint unit checkpoints nbval
+	@echo "make test: all phases passed"
 
 lint: setup
+	@echo "== lint: ruff over the package, tests and notebooks (seconds)"
 	$(BIN)/ruff check .
 
 unit: setup
+	@echo "== unit: the package's tests (about 3-4 min)"
 	$(BIN)/pytest tests -q -m "not slow"
 
-# Every shipped checkpoint re-evaluated on the full test set (about 4 minutes on 2 cores).
+# Every shipped checkpoint re-evaluated on the full test set.
 checkpoints: setup
+	@echo "== checkpoints: the four shipped models re-counted on 10,000 test images (about 3-5 min)"
 	$(BIN)/pytest tests -q -m slow
 
 nbval: setup
 ifneq ($(NOTEBOOKS),)
+	@echo "== nbval: every notebook run top to bottom and compared with its saved outputs (about 5 min)"
 	$(BIN)/pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
 endif
 
