@@ -5,6 +5,7 @@ import torch
 
 from vit_tutorial import (
     POS_EMBED_TYPES,
+    LearnedPosEmbed2D,
     build_pos_embed,
     create_model,
     resample_pos_embed,
@@ -107,3 +108,32 @@ def test_without_position_embeddings_the_model_is_blind_to_patch_order():
 def test_resample_pos_embed_refuses_empty_grids(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         resample_pos_embed(torch.zeros(1, 50, 8), **kwargs)
+
+
+def test_every_pos_embed_type_is_a_registered_class_that_resamples_itself():
+    from vit_tutorial.embeddings import pos_embed_class
+
+    assert POS_EMBED_TYPES == ("learn", "learn2d", "sincos2d", "sincos1d", "none")
+    for kind in POS_EMBED_TYPES:
+        cls = pos_embed_class(kind)
+        module = cls(grid_size=(2, 3), dim=8, num_prefix_tokens=1)
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        out = cls.resample_state(state, old_grid=(2, 3), new_grid=(4, 6), num_prefix_tokens=1)
+        bigger = cls(grid_size=(4, 6), dim=8, num_prefix_tokens=1)
+        assert {k: v.shape for k, v in out.items()} == {
+            k: v.shape for k, v in bigger.state_dict().items()}, kind
+    with pytest.raises(ValueError, match="unknown pos_embed 'rel'"):
+        pos_embed_class("rel")
+
+
+def test_learned_2d_rows_and_columns_resample_linearly_per_axis():
+    module = LearnedPosEmbed2D(grid_size=(2, 3), dim=4, num_prefix_tokens=1)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    out = LearnedPosEmbed2D.resample_state(state, old_grid=(2, 3), new_grid=(4, 3),
+                                           num_prefix_tokens=1)
+    row = state["row"]  # (2, 2): with align_corners=False, 4 samples of 2 rows are
+    expected = torch.stack([row[0], 0.75 * row[0] + 0.25 * row[1],
+                            0.25 * row[0] + 0.75 * row[1], row[1]])
+    torch.testing.assert_close(out["row"], expected)
+    torch.testing.assert_close(out["col"], state["col"])  # 3 -> 3: unchanged
+    torch.testing.assert_close(out["prefix"], state["prefix"])

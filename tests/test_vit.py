@@ -228,3 +228,14 @@ def test_config_refuses_sizes_and_rates_out_of_range(overrides, message):
 def test_config_names_every_problem_at_once():
     with pytest.raises(ValueError, match=r"embed_dim must be a positive int, got 0; mlp_ratio"):
         ViTConfig(embed_dim=0)
+
+
+def test_no_weight_decay_names_the_tokens_tables_biases_and_norms():
+    model = VisionTransformer(ViTConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=16,
+                                        depth=1, num_heads=2, pos_embed="learn2d"))
+    skip = model.no_weight_decay()
+    assert {"cls_token.weight", "pos_embed.row", "pos_embed.col", "pos_embed.prefix",
+            "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm.bias"} <= skip
+    assert not {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "head.weight"} & skip
+    assert skip == {n for n, p in model.named_parameters()
+                    if p.ndim <= 1 or n.startswith(("cls_token.", "pos_embed."))}

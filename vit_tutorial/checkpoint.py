@@ -25,7 +25,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .embeddings import resample_pos_embed
 from .interop import check_state_dict
 from .vit import VisionTransformer, ViTConfig
 
@@ -205,27 +204,23 @@ def upgrade_checkpoint(path: str | os.PathLike) -> Path:
 def resize_state_dict(
     state_dict: dict[str, torch.Tensor], model: VisionTransformer, old_config: ViTConfig
 ) -> dict[str, torch.Tensor]:
-    """Adapt learned position tables saved for `old_config`'s grid to `model`'s grid (2-D)."""
-    old_grid = VisionTransformer(old_config.replace(depth=0), num_classes=0)
+    """Adapt the position embedding saved for `old_config`'s grid to `model`'s grid.
+
+    The embedding's own class does it (`resample_state`): a learned 1-D table bicubic in
+    2-D (ViT paper, section 3.2), a learned 2-D one per axis, fixed tables not at all.
+    """
+    with torch.device("meta"):
+        old_grid = VisionTransformer(old_config.replace(depth=0), num_classes=0)
     old_grid = old_grid.patch_embed.grid_size
     new_grid = model.patch_embed.grid_size
     if old_grid == new_grid:
         return state_dict
-    out = dict(state_dict)
-    if "pos_embed.weight" in out:  # learned 1-D: bicubic in 2-D (ViT paper, section 3.2)
-        out["pos_embed.weight"] = resample_pos_embed(
-            out["pos_embed.weight"],
-            new_grid,
-            old_size=old_grid,
-            num_prefix_tokens=model.num_prefix_tokens,
-        )
-    for axis, key in enumerate(("pos_embed.row", "pos_embed.col")):  # learned 2-D: each in 1-D
-        if key in out:
-            t = out[key].float().T[None]  # (1, D/2, old)
-            t = torch.nn.functional.interpolate(
-                t, size=new_grid[axis], mode="linear", align_corners=False
-            )
-            out[key] = t[0].T.to(state_dict[key].dtype)
+    prefix = "pos_embed."
+    mine = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    resampled = type(model.pos_embed).resample_state(
+        mine, old_grid=old_grid, new_grid=new_grid, num_prefix_tokens=model.num_prefix_tokens)
+    out = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    out.update({prefix + k: v for k, v in resampled.items()})
     return out
 
 

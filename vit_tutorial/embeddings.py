@@ -33,13 +33,11 @@ __all__ = [
     "SinCosPosEmbed1D",
     "NoPosEmbed",
     "build_pos_embed",
+    "pos_embed_class",
     "sincos_1d_table",
     "sincos_2d_table",
     "resample_pos_embed",
 ]
-
-POS_EMBED_TYPES = ("learn", "learn2d", "sincos2d", "sincos1d", "none")
-
 
 class ClassToken(nn.Module):
     """Prepends the learnable x_class to every sequence: (B, N, D) -> (B, 1 + N, D)."""
@@ -98,6 +96,14 @@ class LearnedPosEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.weight
 
+    @staticmethod
+    def resample_state(
+        state: dict[str, torch.Tensor], *, old_grid, new_grid, num_prefix_tokens: int
+    ) -> dict[str, torch.Tensor]:
+        """This module's saved tensors for another grid: bicubic in 2-D (section 3.2)."""
+        return {"weight": resample_pos_embed(state["weight"], new_grid, old_size=old_grid,
+                                             num_prefix_tokens=num_prefix_tokens)}
+
 
 class LearnedPosEmbed2D(nn.Module):
     """Learned 2-D embedding (appendix D.4): E_pos[i, j] = [row_i; col_j], D/2 channels each.
@@ -129,9 +135,25 @@ class LearnedPosEmbed2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.table()
 
+    @staticmethod
+    def resample_state(
+        state: dict[str, torch.Tensor], *, old_grid, new_grid, num_prefix_tokens: int
+    ) -> dict[str, torch.Tensor]:
+        """The row and the column tables, each interpolated linearly in 1-D to the new grid."""
+        out = dict(state)
+        for axis, key in enumerate(("row", "col")):
+            t = state[key].float().T[None]  # (1, D/2, old)
+            t = F.interpolate(t, size=new_grid[axis], mode="linear", align_corners=False)
+            out[key] = t[0].T.to(state[key].dtype)  # (new, D/2)
+        return out
+
 
 class _FixedPosEmbed(nn.Module):
     """A fixed table, recomputed from the grid (not saved: it is a function of the grid)."""
+
+    @staticmethod
+    def resample_state(state, *, old_grid, new_grid, num_prefix_tokens):
+        return dict(state)  # nothing saved: the new grid's table is computed afresh
 
     def __init__(self, table: torch.Tensor, *, grid_size, num_prefix_tokens: int):
         super().__init__()
@@ -167,6 +189,8 @@ class SinCosPosEmbed1D(_FixedPosEmbed):
 class NoPosEmbed(nn.Module):
     """No position information at all: the identity."""
 
+    resample_state = staticmethod(_FixedPosEmbed.resample_state)
+
     def __init__(self, *, grid_size: tuple[int, int], dim: int, num_prefix_tokens: int = 1):
         super().__init__()
         self.grid_size = tuple(grid_size)
@@ -186,6 +210,8 @@ _POS_EMBEDS = {
     "sincos1d": SinCosPosEmbed1D,
     "none": NoPosEmbed,
 }
+# The names ViTConfig.pos_embed accepts: a new kind is one class and one entry above.
+POS_EMBED_TYPES = tuple(_POS_EMBEDS)
 
 
 def build_pos_embed(
@@ -195,6 +221,13 @@ def build_pos_embed(
     if kind not in _POS_EMBEDS:
         raise ValueError(f"unknown pos_embed {kind!r}; expected one of {POS_EMBED_TYPES}")
     return _POS_EMBEDS[kind](grid_size=grid_size, dim=dim, num_prefix_tokens=num_prefix_tokens)
+
+
+def pos_embed_class(kind: str) -> type[nn.Module]:
+    """The class behind `kind`, e.g. to call its `resample_state` without building one."""
+    if kind not in _POS_EMBEDS:
+        raise ValueError(f"unknown pos_embed {kind!r}; expected one of {POS_EMBED_TYPES}")
+    return _POS_EMBEDS[kind]
 
 
 def resample_pos_embed(

@@ -229,14 +229,14 @@ def cosine_schedule(step: int, *, total: int, warmup: int, lr: float, min_lr: fl
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, the class token and position tables (1-D tensors
-    and the embeddings), as in the reference ViT training code."""
+    """AdamW's two groups: no weight decay on what `model.no_weight_decay()` names (biases,
+    norms, the class token and position tables), `weight_decay` on the rest."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.startswith(("cls_token", "pos_embed"))
-        (no_decay if skip else decay).append(p)
+        (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

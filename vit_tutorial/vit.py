@@ -208,6 +208,12 @@ class VisionTransformer(nn.Module):
     def num_features(self) -> int:
         return self.config.embed_dim
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that AdamW must not decay (as timm's): the class token, the position
+        tables, and every bias and norm weight (all 1-D)."""
+        return {name for name, p in self.named_parameters()
+                if p.ndim <= 1 or name.startswith(("cls_token.", "pos_embed."))}
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 1: images (B, C, H, W) -> z_0 (B, prefix + N, D)."""
         x = self.patch_embed(x)  # (B, N, D)
