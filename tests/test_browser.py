@@ -62,3 +62,71 @@ def test_demo_widgets_redraw_in_the_browser():
             nb.wait_for_text(".vt-state", "never shown")
         assert any("ipykernel" in " ".join(p.cmdline()) for p in nb.lab.descendants())
     assert nb.lab.survivors() == [], "JupyterLab or a kernel outlived the test"
+
+
+# ---------------------------------------------------------------------------------------
+# The explorers of notebook 09, as a learner uses them
+# ---------------------------------------------------------------------------------------
+
+NOTEBOOK_09 = Path(__file__).resolve().parent.parent / "notebooks" / "09_seeing_inside.ipynb"
+
+
+def _explorer_notebook(tmp_path: Path) -> Path:
+    """Notebook 09's set-up cell and its two explorer cells, in a notebook of their own."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK_09, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    explorers = [c for c in code if "vt.widgets." in c.source]
+    assert len(explorers) == 2, "notebook 09 shows AttentionExplorer and PosEmbedExplorer"
+    cells = [nbformat.v4.new_code_cell(c.source) for c in [code[0], *explorers]]
+    path = tmp_path / "explorers.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata=nb.metadata), path)
+    return path
+
+
+def test_notebook_09_explorers_follow_every_control(tmp_path):
+    pic = ".vt-attention-explorer .vt-picture"
+    with open_notebook(_explorer_notebook(tmp_path), timeout=90) as nb:
+        nb.run_all()
+        src = nb.image_src(pic)
+        assert nb.image_bytes(pic).startswith(PNG)
+
+        def method(label):
+            return lambda: nb.page.locator(".vt-method button", has_text=label).first.click()
+
+        steps = [  # (what a person does, what the kernel-side view must then say)
+            (lambda: nb.press(".vt-layer", "ArrowRight"), "explorer.current.layer", "2"),
+            (lambda: nb.click(".vt-attention-explorer .vt-patch-2-3"),
+             "explorer.current.query", "(2, 3)"),
+            (method("rollout"), "explorer.current.method", "'rollout'"),
+            (method("class relevance"), "explorer.current.method", "'relevance'"),
+            (lambda: nb.select(".vt-model", "hybrid"), "explorer.current.model", "'hybrid'"),
+        ]
+        for act, expression, expected in steps:
+            act()
+            src = nb.wait_for_image_change(pic, src, timeout=60)
+            nb.wait_until(lambda e=expression, v=expected: nb.kernel_eval(e) == v,
+                          f"{expression} == {expected}", timeout=60)
+        # The map drawn is the one explain computes for that view.
+        nb.kernel_exec(
+            "import numpy as np\n"
+            "from vit_tutorial import explain\n"
+            "from vit_tutorial.evaluate import preprocess\n"
+            "v = explorer.current\n"
+            "m = explorer._models[v.model]\n"
+            "x = preprocess(explorer._images[v.index][None], m.config.img_size)\n"
+            "ok = np.allclose(v.map, explain.class_relevance(m, x, target=None)[0].numpy(),"
+            " atol=1e-5)\n")
+        assert nb.kernel_eval("ok") == "True"
+
+        grid = ".vt-pos-explorer .vt-pos-map"
+        src = nb.image_src(grid)
+        nb.click(".vt-pos-patch-1-1")
+        src = nb.wait_for_image_change(grid, src, timeout=60)
+        nb.page.locator(".vt-pos-resolution button", has_text="56 px").first.click()
+        nb.wait_for_image_change(grid, src, timeout=60)
+        nb.wait_until(lambda: nb.kernel_eval("pos_explorer.current.resolution") == "56",
+                      "pos_explorer.current.resolution == 56", timeout=60)
+        nb.assert_no_errors()
+    assert nb.lab.survivors() == [], "JupyterLab or a kernel outlived the test"
