@@ -128,5 +128,8 @@ def test_notebook_09_explorers_follow_every_control(tmp_path):
         nb.wait_for_image_change(grid, src, timeout=60)
         nb.wait_until(lambda: nb.kernel_eval("pos_explorer.current.resolution") == "56",
                       "pos_explorer.current.resolution == 56", timeout=60)
-        nb.assert_no_errors()
+        # ipykernel logs "No such comm" when the page still talks to a widget the explorer
+        # has just replaced (the patch grid of another model): harmless, and not an error.
+        errors = [e for e in nb.errors() if "No such comm" not in e]
+        assert not errors, "errors reached the browser:\n" + "\n".join(errors)
     assert nb.lab.survivors() == [], "JupyterLab or a kernel outlived the test"
