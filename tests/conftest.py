@@ -7,6 +7,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def timm():
+    """The timm package, for the tests that compare with it; only they skip without it."""
+    return pytest.importorskip("timm")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run on one torch thread. With two threads on two cores, any other busy process stalls
@@ -16,7 +22,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -49,6 +49,31 @@ def test_matches_torch_multihead_attention():
     torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_multi_head_attention_written_out_head_by_head(qkv_bias):
+    # eq. 5-8: [q, k, v] = z U_qkv; head h uses channels h*Dh .. (h+1)*Dh of each.
+    D, H, N = 12, 3, 5
+    mha = MultiHeadAttention(D, num_heads=H, qkv_bias=qkv_bias).eval()
+    assert mha.head_dim == 4 and mha.scale == 0.5
+    assert (mha.qkv.bias is not None) == qkv_bias
+    if qkv_bias:
+        with torch.no_grad():
+            mha.qkv.bias.normal_()
+    x = torch.randn(2, N, D)
+    q, k, v = mha.qkv(x).split(D, dim=-1)
+    heads, maps = [], []
+    for h in range(H):
+        part = slice(4 * h, 4 * h + 4)
+        w = torch.softmax(q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(4), dim=-1)
+        heads.append(w @ v[..., part])
+        maps.append(w)
+    expected = mha.proj(torch.cat(heads, dim=-1))  # [SA_1; ...; SA_k] U_msa
+    out, weights = mha(x, return_attention=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights, torch.stack(maps, dim=1))
+    torch.testing.assert_close(mha(x), expected, atol=1e-5, rtol=1e-5)  # the fused path
+
+
 def test_dim_not_divisible_by_heads():
     with pytest.raises(ValueError, match="dim 30 is not divisible by num_heads 4"):
         MultiHeadAttention(30, num_heads=4)
@@ -61,3 +86,17 @@ def test_attention_dropout_applies_in_training_on_both_paths():
     a, _ = mha(x, return_attention=True)
     b, _ = mha(x, return_attention=True)
     assert not torch.allclose(a, b)  # explicit path drops too
+    mha.eval()  # and neither path drops in eval mode
+    torch.testing.assert_close(mha(x), mha(x, return_attention=True)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_written_out_dropout_drops_weights_after_the_softmax():
+    q, k, v = torch.randn(3, 2, 6, 4).unbind(0)
+    out, weights = scaled_dot_product_attention(q, k, v, dropout_p=0.5, training=True)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 6))  # returned before dropout
+    clean, _ = scaled_dot_product_attention(q, k, v)
+    assert not torch.allclose(out, clean)
+    same, _ = scaled_dot_product_attention(q, k, v, dropout_p=0.5, training=False)
+    torch.testing.assert_close(same, clean)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, scale=0.1)[1],
+                               torch.softmax(0.1 * q @ k.transpose(-2, -1), dim=-1))

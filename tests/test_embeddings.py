@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -5,26 +6,45 @@ import torch
 
 from vit_tutorial import (
     POS_EMBED_TYPES,
+    ClassToken,
+    LearnedPosEmbed,
     LearnedPosEmbed2D,
+    SinCosPosEmbed1D,
+    SinCosPosEmbed2D,
     build_pos_embed,
+    count_parameters,
     create_model,
     resample_pos_embed,
     sincos_1d_table,
     sincos_2d_table,
 )
 
-timm_pos = pytest.importorskip("timm.layers.pos_embed")
-
 
 @pytest.mark.parametrize("kind", POS_EMBED_TYPES)
 def test_every_pos_embed_keeps_shape(kind):
-    pe = build_pos_embed(kind, grid_size=(3, 4), dim=8, num_prefix_tokens=1)
+    pe = build_pos_embed(kind, grid_size=[3, 4], dim=8, num_prefix_tokens=1)
+    assert pe.grid_size == (3, 4) and pe.num_prefix_tokens == 1  # a list comes back a tuple
     x = torch.randn(2, 13, 8)
     assert pe(x).shape == x.shape
     table = pe.table()
     assert (table is None) == (kind == "none")
     if table is not None:
         assert table.shape == (1, 13, 8)
+        torch.testing.assert_close(pe(x), x + table)  # eq. 1: the table is added
+    else:
+        assert torch.equal(pe(x), x)
+
+
+def test_class_token_is_a_tiny_learned_vector_prepended_to_every_sequence():
+    token = ClassToken(8)
+    assert [p is token.weight for p in token.parameters()] == [True]
+    assert count_parameters(token) == 8
+    assert 0 < token.weight.abs().max() < 1e-4  # drawn with std 1e-6, as timm does
+    x = torch.randn(3, 5, 8)
+    out = token(x)
+    assert out.shape == (3, 6, 8)
+    torch.testing.assert_close(out[:, 0], token.weight[0].expand(3, 8))
+    torch.testing.assert_close(out[:, 1:], x)
 
 
 def test_unknown_pos_embed():
@@ -37,8 +57,12 @@ def test_learned_2d_is_row_and_column_halves():
     table = pe.table()[0, 1:].reshape(3, 4, 8)
     torch.testing.assert_close(table[2, 1, :4], pe.row[2])
     torch.testing.assert_close(table[2, 1, 4:], pe.col[1])
-    n_params = sum(p.numel() for p in pe.parameters())
-    assert n_params == 3 * 4 + 4 * 4 + 8  # rows, columns, class token
+    assert count_parameters(pe) == 3 * 4 + 4 * 4 + 8  # rows, columns, class token
+    torch.testing.assert_close(pe.table()[0, 0], pe.prefix[0, 0])  # the class token's own
+    for i in range(3):
+        for j in range(4):  # E_pos[i, j] = [row_i; col_j], raster order
+            torch.testing.assert_close(pe.table()[0, 1 + 4 * i + j],
+                                       torch.cat([pe.row[i], pe.col[j]]))
 
 
 def test_sincos_tables():
@@ -54,15 +78,58 @@ def test_sincos_tables():
         sincos_2d_table((2, 2), 6)
 
 
+def test_sincos_1d_table_by_hand():
+    # Vaswani et al. section 3.5: PE(p, 2i) = sin(p / T^(2i/D)), PE(p, 2i+1) = cos(the same).
+    L, D, T = 9, 12, 100.0
+    table = sincos_1d_table(L, D, temperature=T)
+    expected = [[(math.sin if c % 2 == 0 else math.cos)(p / T ** (2 * (c // 2) / D))
+                 for c in range(D)] for p in range(L)]
+    assert table.dtype == torch.float32
+    torch.testing.assert_close(table, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_sincos_2d_table_by_hand():
+    # Row r, column c of a 3x5 grid, D/4 = 3 frequencies w_k = T^(-k/3):
+    # [sin(r w), cos(r w), sin(c w), cos(c w)], raster order.
+    (rows, cols), D, T = (3, 5), 12, 50.0
+    table = sincos_2d_table((rows, cols), D, temperature=T)
+    w = [T ** (-k / (D // 4)) for k in range(D // 4)]
+    expected = [[f(p * wk) for p, f in [(r, math.sin), (r, math.cos), (c, math.sin),
+                                         (c, math.cos)] for wk in w]
+                for r in range(rows) for c in range(cols)]
+    assert table.dtype == torch.float32
+    torch.testing.assert_close(table, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_sincos_2d_table_matches_timm(timm):
+    # timm's layout with interleave_sin_cos=True is ours: [sin h, cos h, sin w, cos w].
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    for grid, dim in [((3, 5), 16), ((7, 7), 64), ((4, 2), 8)]:
+        ref = build_sincos2d_pos_embed(list(grid), dim, interleave_sin_cos=True)
+        torch.testing.assert_close(sincos_2d_table(grid, dim), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_position_modules_hold_the_tables():
+    sin2d = SinCosPosEmbed2D(grid_size=(3, 5), dim=8, num_prefix_tokens=2)
+    assert sin2d.weight.shape == (1, 17, 8) and "weight" not in sin2d.state_dict()
+    torch.testing.assert_close(sin2d.weight[0, :2], torch.zeros(2, 8))  # no grid position
+    torch.testing.assert_close(sin2d.weight[0, 2:], sincos_2d_table((3, 5), 8))
+    sin1d = SinCosPosEmbed1D(grid_size=(3, 5), dim=8, num_prefix_tokens=1)
+    # one sequence of 1 + 15 positions: the class token is position 0, as in T2T-ViT
+    torch.testing.assert_close(sin1d.weight[0], sincos_1d_table(16, 8))
+    assert count_parameters(sin2d) == count_parameters(sin1d) == 0
+
+
 @pytest.mark.parametrize(
     "old,new,prefix,mode",
     [((7, 7), (14, 14), 1, "bicubic"), ((7, 7), (10, 13), 1, "bilinear"),
      ((4, 6), (8, 3), 0, "bicubic"), ((14, 14), (7, 7), 1, "bicubic")],
 )
-def test_resample_matches_timm(old, new, prefix, mode):
+def test_resample_matches_timm(timm, old, new, prefix, mode):
     pos = torch.randn(1, prefix + old[0] * old[1], 32)
     ours = resample_pos_embed(pos, new, old_size=old, num_prefix_tokens=prefix, interpolation=mode)
-    ref = timm_pos.resample_abs_pos_embed(
+    ref = timm.layers.resample_abs_pos_embed(
         pos, list(new), old_size=list(old), num_prefix_tokens=prefix, interpolation=mode
     )
     torch.testing.assert_close(ours, ref)
@@ -73,8 +140,13 @@ def test_resample_matches_timm(old, new, prefix, mode):
 def test_resample_identity_dtype_and_errors():
     pos = torch.randn(1, 50, 16)
     assert resample_pos_embed(pos, 7) is pos
+    assert resample_pos_embed(pos, [7, 7]) is pos  # lists from JSON configs too
+    assert resample_pos_embed(pos, (7, 7), old_size=[7, 7]) is pos
     half = pos.to(torch.bfloat16)
     assert resample_pos_embed(half, 14).dtype == torch.bfloat16
+    # interpolated in float32, then rounded once: not computed in bfloat16
+    assert torch.equal(resample_pos_embed(half, 14),
+                       resample_pos_embed(half.float(), 14).to(torch.bfloat16))
     with pytest.raises(ValueError, match="not a square grid"):
         resample_pos_embed(torch.randn(1, 13, 8), 4)
     with pytest.raises(ValueError, match="old_size 3x3 holds 9 positions"):
@@ -126,6 +198,16 @@ def test_every_pos_embed_type_is_a_registered_class_that_resamples_itself():
         pos_embed_class("rel")
 
 
+def test_learned_tables_start_small():
+    # std 0.02, as timm's trunc_normal_(std=.02): large enough to tell positions apart,
+    # small next to the patch embeddings
+    tables = [LearnedPosEmbed(grid_size=(14, 14), dim=64).weight]
+    pe2d = LearnedPosEmbed2D(grid_size=(32, 32), dim=64, num_prefix_tokens=16)
+    tables += [pe2d.row, pe2d.col, pe2d.prefix]
+    for t in tables:
+        assert abs(t.std().item() / 0.02 - 1) < 0.1, t.shape
+
+
 def test_learned_2d_rows_and_columns_resample_linearly_per_axis():
     module = LearnedPosEmbed2D(grid_size=(2, 3), dim=4, num_prefix_tokens=1)
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -137,3 +219,73 @@ def test_learned_2d_rows_and_columns_resample_linearly_per_axis():
     torch.testing.assert_close(out["row"], expected)
     torch.testing.assert_close(out["col"], state["col"])  # 3 -> 3: unchanged
     torch.testing.assert_close(out["prefix"], state["prefix"])
+
+
+def linear_resize(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Linear interpolation of the rows of t (n, C) to `size` rows, written out as PyTorch
+    does it with align_corners=False: row i samples position (i + 0.5) * n / size - 0.5."""
+    n = t.shape[0]
+    rows = []
+    for i in range(size):
+        src = max((i + 0.5) * n / size - 0.5, 0.0)
+        lo = min(int(src), n - 1)
+        hi, frac = min(lo + 1, n - 1), src - lo
+        rows.append((1 - frac) * t[lo] + frac * t[hi])
+    return torch.stack(rows)
+
+
+def test_linear_resize_helper_by_hand():
+    t = torch.tensor([[0.0], [4.0]])
+    torch.testing.assert_close(linear_resize(t, 4), torch.tensor([[0.0], [1.0], [3.0], [4.0]]))
+
+
+def test_resample_bilinear_upsampling_by_hand():
+    # Upsampling a (2, 3) grid to (4, 5): bilinear is linear along the rows, then the columns.
+    # A non-square grid with different factors per axis shows a mix-up of rows and columns.
+    D = 3
+    pos = torch.randn(1, 1 + 2 * 3, D)
+    out = resample_pos_embed(pos, (4, 5), old_size=(2, 3), interpolation="bilinear")
+    grid = pos[0, 1:].reshape(2, 3, D)
+    by_rows = torch.stack([linear_resize(grid[:, c], 4) for c in range(3)], dim=1)  # (4, 3, D)
+    expected = torch.stack([linear_resize(by_rows[r], 5) for r in range(4)])  # (4, 5, D)
+    torch.testing.assert_close(out[0, 1:], expected.reshape(20, D))
+    torch.testing.assert_close(out[0, 0], pos[0, 0])  # the class token is not interpolated
+
+
+def test_resample_nearest_repeats_each_position():
+    pos = torch.randn(1, 2 + 2 * 3, 4)
+    out = resample_pos_embed(pos, (4, 6), old_size=(2, 3), num_prefix_tokens=2,
+                             interpolation="nearest")
+    grid = pos[0, 2:].reshape(2, 3, 4)
+    expected = grid.repeat_interleave(2, dim=0).repeat_interleave(2, dim=1)  # (4, 6, 4)
+    torch.testing.assert_close(out[0, 2:], expected.reshape(24, 4))
+    torch.testing.assert_close(out[0, :2], pos[0, :2])
+
+
+def test_learned_1d_state_resamples_in_2d():
+    module = LearnedPosEmbed(grid_size=(2, 3), dim=4, num_prefix_tokens=1)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    out = LearnedPosEmbed.resample_state(state, old_grid=(2, 3), new_grid=(4, 5),
+                                         num_prefix_tokens=1)
+    torch.testing.assert_close(out["weight"], resample_pos_embed(
+        state["weight"], (4, 5), old_size=(2, 3), num_prefix_tokens=1))
+    assert out["weight"].shape == (1, 21, 4)
+
+
+def test_learned_2d_resample_changes_both_axes_with_its_own_size():
+    # rows 2 -> 5 and columns 4 -> 3, each table linearly on its own axis
+    module = LearnedPosEmbed2D(grid_size=(2, 4), dim=6, num_prefix_tokens=1)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    out = LearnedPosEmbed2D.resample_state(state, old_grid=(2, 4), new_grid=(5, 3),
+                                           num_prefix_tokens=1)
+    torch.testing.assert_close(out["row"], linear_resize(state["row"], 5))
+    torch.testing.assert_close(out["col"], linear_resize(state["col"], 3))
+    assert torch.equal(out["prefix"], state["prefix"])
+    bigger = LearnedPosEmbed2D(grid_size=(5, 3), dim=6, num_prefix_tokens=1)
+    bigger.load_state_dict(out)
+    torch.testing.assert_close(bigger.table()[0, 1 + 3 * 4 + 2],
+                               torch.cat([out["row"][4], out["col"][2]]))
+    half = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    resampled = LearnedPosEmbed2D.resample_state(half, old_grid=(2, 4), new_grid=(5, 3),
+                                                 num_prefix_tokens=1)
+    assert {v.dtype for v in resampled.values()} == {torch.bfloat16}

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from vit_tutorial import count_parameters
 from vit_tutorial.hybrid import (
+    Bottleneck,
     HybridEmbed,
     ResNetV2,
     StdConv2d,
+    Stem,
     group_norm_groups,
+    max_pool2d_same,
+    pad_same,
     same_padding,
     standardize_weight,
     standardize_weight_fused,
 )
-
-timm = pytest.importorskip("timm")
 
 # Pinned counts. The timm total is for 1000 classes; timm's default config for this model
 # (the in21k "orig" weights) has no head and counts 97,890,112.
@@ -27,31 +32,33 @@ R50_HYBRID_EMBED_PARAMS = 12_682_048  # backbone 11,894,848 + proj 1024 * 768 + 
 R50_BACKBONE_PARAMS = 11_894_848
 
 
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def timm_hybrid(**kwargs):
+def timm_hybrid(timm, **kwargs):
     return timm.create_model("vit_base_r50_s16_224", pretrained=False, **kwargs).eval()
 
 
 @pytest.fixture(scope="module")
-def timm_full():
+def timm_full(timm):
     """The whole timm model with a 1000-class head, on the meta device: shapes only, no time."""
     with torch.device("meta"):
-        return timm_hybrid(num_classes=1000)
+        return timm_hybrid(timm, num_classes=1000)
 
 
 @pytest.fixture(scope="module")
 def ours_r50():
-    return HybridEmbed(img_size=224, layers=(3, 4, 9), embed_dim=768)
+    with torch.device("meta"):  # only counts, names and shapes are read
+        return HybridEmbed(img_size=224, layers=(3, 4, 9), embed_dim=768)
+
+
+def test_r50_param_count(ours_r50):
+    assert count_parameters(ours_r50) == R50_HYBRID_EMBED_PARAMS
+    assert count_parameters(ours_r50.backbone) == R50_BACKBONE_PARAMS
 
 
 def test_r50_param_count_matches_timm(timm_full, ours_r50):
-    assert n_params(timm_full) == TIMM_VIT_R50_S16_224_PARAMS
-    assert n_params(timm_full.patch_embed) == R50_HYBRID_EMBED_PARAMS
-    assert n_params(ours_r50) == R50_HYBRID_EMBED_PARAMS
-    assert n_params(ours_r50.backbone) == R50_BACKBONE_PARAMS
+    assert count_parameters(timm_full) == TIMM_VIT_R50_S16_224_PARAMS
+    assert count_parameters(timm_full.patch_embed) == R50_HYBRID_EMBED_PARAMS
+    assert count_parameters(ours_r50) == R50_HYBRID_EMBED_PARAMS
+    assert count_parameters(ours_r50.backbone) == R50_BACKBONE_PARAMS
 
 
 def test_r50_state_dict_keys_match_timm(timm_full, ours_r50):
@@ -61,27 +68,33 @@ def test_r50_state_dict_keys_match_timm(timm_full, ours_r50):
     assert all(ours[k].shape == theirs[k].shape for k in ours)
 
 
-def test_r50_interface(timm_full, ours_r50):
+def test_r50_interface(ours_r50):
     assert ours_r50.img_size == (224, 224)
     assert ours_r50.in_chans == 3
-    assert ours_r50.grid_size == tuple(timm_full.patch_embed.grid_size) == (14, 14)
-    assert ours_r50.num_patches == timm_full.patch_embed.num_patches == 196
+    assert ours_r50.grid_size == (14, 14)
+    assert ours_r50.num_patches == 196
     assert ours_r50.backbone.out_chans == 1024
     assert ours_r50.backbone.reduction == 16
+    assert [len(stage.blocks) for stage in ours_r50.backbone.stages] == [3, 4, 9]
     # BiT's 32 groups everywhere in the R50 preset.
     groups = {m.num_groups for m in ours_r50.modules() if isinstance(m, nn.GroupNorm)}
     assert groups == {32}
 
 
+def test_r50_interface_matches_timm(timm_full, ours_r50):
+    assert ours_r50.grid_size == tuple(timm_full.patch_embed.grid_size) == (14, 14)
+    assert ours_r50.num_patches == timm_full.patch_embed.num_patches == 196
+
+
 @pytest.fixture(scope="module")
-def timm_embed():
+def timm_embed(timm):
     """timm's R50 hybrid `patch_embed` with random weights, built once.
 
     Its forward takes any image size, so one instance serves every size below. The encoder
     depth does not touch `patch_embed`; depth=1 keeps construction fast.
     """
-    torch.manual_seed(0)
-    embed = timm_hybrid(img_size=64, depth=1, num_classes=0).patch_embed
+    torch.manual_seed(0)  # module-scoped: built before the per-test seed fixture runs
+    embed = timm_hybrid(timm, img_size=64, depth=1, num_classes=0).patch_embed
     # Non-trivial GroupNorm affines, so a swapped weight/bias or a wrong group count shows.
     with torch.no_grad():
         for m in embed.modules():
@@ -96,7 +109,6 @@ def timm_embed():
 def test_numerical_parity_with_timm(timm_embed, img_size):
     ours = HybridEmbed(img_size=img_size).eval()
     ours.load_state_dict(timm_embed.state_dict(), strict=True)
-    torch.manual_seed(1)
     x = torch.randn(2, 3, *ours.img_size)
     with torch.no_grad():
         expected = timm_embed(x)
@@ -121,11 +133,8 @@ def test_numerical_parity_with_timm_float64(timm_embed):
     "kernel_size, stride, size",
     [(7, 2, 28), (7, 2, 27), (3, 2, 14), (3, 2, 13), (1, 2, 9), (3, 1, 5)],
 )
-def test_std_conv_matches_timm(kernel_size, stride, size):
-    from timm.layers import StdConv2dSame
-
-    torch.manual_seed(0)
-    theirs = StdConv2dSame(4, 8, kernel_size, stride=stride, eps=1e-8)
+def test_std_conv_matches_timm(timm, kernel_size, stride, size):
+    theirs = timm.layers.StdConv2dSame(4, 8, kernel_size, stride=stride, eps=1e-8)
     ours = StdConv2d(4, 8, kernel_size=kernel_size, stride=stride, eps=1e-8)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 4, size, size + 1)
@@ -134,13 +143,11 @@ def test_std_conv_matches_timm(kernel_size, stride, size):
 
 
 def test_fused_standardization_matches_explicit():
-    torch.manual_seed(0)
     w = torch.randn(16, 5, 3, 3) * 0.02 + 0.01
     torch.testing.assert_close(standardize_weight_fused(w), standardize_weight(w))
 
 
 def test_standardized_weight_statistics():
-    torch.manual_seed(0)
     conv = StdConv2d(5, 16, kernel_size=3)
     with torch.no_grad():
         conv.weight.mul_(7.0).add_(3.0)  # any scale and offset is removed
@@ -165,7 +172,6 @@ def test_group_norm_groups():
 
 @pytest.mark.parametrize("width", [8, 16])
 def test_small_stem_28x28(width):
-    torch.manual_seed(0)
     embed = HybridEmbed(
         img_size=28, in_chans=1, embed_dim=32, layers=(2, 2, 2), stem="small", width=width
     )
@@ -204,8 +210,10 @@ def test_small_backbone_parameter_count_by_formula(width):
     """The shipped hybrids' CNNs (width 32 and 48) hold exactly the weights the design says."""
     embed = HybridEmbed(img_size=28, in_chans=1, embed_dim=192, layers=(2, 2, 2),
                         stem="small", width=width)
-    assert n_params(embed.backbone) == bottleneck_stack_params(width, (2, 2, 2), in_chans=1)
-    assert n_params(embed) == n_params(embed.backbone) + 16 * width * 192 + 192  # + 1x1 proj
+    assert count_parameters(embed.backbone) == bottleneck_stack_params(width, (2, 2, 2),
+                                                                       in_chans=1)
+    # + the 1x1 projection
+    assert count_parameters(embed) == count_parameters(embed.backbone) + 16 * width * 192 + 192
 
 
 @pytest.mark.parametrize(
@@ -243,3 +251,145 @@ def test_bad_constructor_arguments():
         ResNetV2(layers=())
     with pytest.raises(ValueError, match=r"padding must be \"same\" or an int, got 'valid'"):
         StdConv2d(1, 1, kernel_size=3, padding="valid")
+
+
+# --- the pieces written out, without timm ------------------------------------------------
+
+
+def std_conv_by_hand(conv: StdConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Weight standardization (biased variance, eps 1e-8) and TF "SAME" padding, spelled out."""
+    w = conv.weight
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+    w = (w - mean) / torch.sqrt(var + 1e-8)
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    pads = []
+    for size, k, s in ((x.shape[-1], kw, sw), (x.shape[-2], kh, sh)):  # F.pad: last axis first
+        total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]  # the odd pixel after
+    return F.conv2d(F.pad(x, pads), w, stride=conv.stride)
+
+
+def group_norm_by_hand(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    B, C, H, W = x.shape
+    g = x.reshape(B, norm.num_groups, -1)
+    g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True)
+                                                    + norm.eps)
+    return g.reshape(B, C, H, W) * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+def randomize_affines(module: nn.Module) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+
+
+@pytest.mark.parametrize("kernel_size, stride, size", [(3, 2, (8, 7)), (7, 2, (9, 12)),
+                                                       (3, 1, (5, 5)), (1, 2, (6, 5))])
+def test_std_conv_written_out(kernel_size, stride, size):
+    conv = StdConv2d(3, 6, kernel_size=kernel_size, stride=stride)
+    x = torch.randn(2, 3, *size)
+    torch.testing.assert_close(conv(x), std_conv_by_hand(conv, x), atol=1e-5, rtol=1e-5)
+    assert conv(x).shape[-2:] == tuple(math.ceil(n / stride) for n in size)
+    assert conv.bias is None and conv.same and conv.eps == 1e-8
+    assert repr(conv).endswith("bias=False, same=True, eps=1e-08)")
+
+
+
+def test_std_conv_with_int_padding_pads_symmetrically():
+    conv = StdConv2d(3, 6, kernel_size=3, stride=2, padding=1)
+    assert not conv.same and conv.padding == (1, 1)
+    x = torch.randn(2, 3, 8, 7)
+    weight = standardize_weight(conv.weight, 1e-8)
+    torch.testing.assert_close(conv(x), F.conv2d(x, weight, stride=2, padding=1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_pad_same_and_max_pool_same_by_hand():
+    x = torch.arange(1.0, 13.0).reshape(1, 1, 3, 4)
+    # a 3x3 stride-2 window on 3 rows pads (1, 1), on 4 columns (0, 1): the odd pixel last
+    padded = pad_same(x, (3, 3), (2, 2))
+    assert padded.shape == (1, 1, 5, 5)
+    torch.testing.assert_close(padded[0, 0, 1:4, 0:4], x[0, 0])
+    assert padded[0, 0, 0].abs().sum() == 0 and padded[0, 0, :, 4].abs().sum() == 0
+    neg = -x  # every value negative: a padded zero must never win the max
+    pooled = max_pool2d_same(neg, kernel_size=3, stride=2)
+    expected = torch.tensor([[-1.0, -3.0], [-5.0, -7.0]])
+    torch.testing.assert_close(pooled[0, 0], expected)
+
+
+def test_small_stem_written_out():
+    stem = Stem(in_chans=2, out_chans=8, kind="small")
+    randomize_affines(stem)
+    assert stem.strides == (1,) and not stem.pool and stem.conv.kernel_size == (3, 3)
+    assert stem.norm.num_groups == 4 and stem.norm.eps == 1e-5
+    x = torch.randn(2, 2, 9, 10)
+    expected = F.relu(group_norm_by_hand(stem.norm, std_conv_by_hand(stem.conv, x)))
+    torch.testing.assert_close(stem(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_stem_written_out():
+    stem = Stem(in_chans=3, out_chans=8, kind="resnet")
+    randomize_affines(stem)
+    assert stem.strides == (2, 2) and stem.conv.kernel_size == (7, 7)
+    x = torch.randn(1, 3, 17, 20)
+    y = F.relu(group_norm_by_hand(stem.norm, std_conv_by_hand(stem.conv, x)))  # (9, 10)
+    y = F.max_pool2d(F.pad(y, (0, 1, 1, 1), value=float("-inf")), 3, 2)  # SAME: (5, 5)
+    torch.testing.assert_close(stem(x), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_chans, out_chans, stride", [(8, 16, 2), (16, 16, 1), (8, 16, 1)])
+def test_bottleneck_written_out(in_chans, out_chans, stride):
+    block = Bottleneck(in_chans, out_chans, stride=stride)
+    randomize_affines(block)
+    assert block.conv2.stride == (stride, stride) and block.conv1.out_channels == out_chans // 4
+    x = torch.randn(2, in_chans, 7, 6)
+
+    def conv_norm(conv, norm, t):
+        return group_norm_by_hand(norm, std_conv_by_hand(conv, t))
+
+    if in_chans == out_chans and stride == 1:
+        assert block.downsample is None
+        shortcut = x
+    else:
+        shortcut = conv_norm(block.downsample.conv, block.downsample.norm, x)
+    y = F.relu(conv_norm(block.conv1, block.norm1, x))
+    y = F.relu(conv_norm(block.conv2, block.norm2, y))
+    y = conv_norm(block.conv3, block.norm3, y)
+    torch.testing.assert_close(block(x), F.relu(y + shortcut), atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_stages_widths_and_strides():
+    net = ResNetV2(layers=[2, 1, 3], in_chans=1, stem="small", width=4)
+    assert net.layers == (2, 1, 3)  # a list (from JSON) is kept as a tuple
+    widths = [(s.blocks[0].conv1.in_channels, s.blocks[-1].conv3.out_channels)
+              for s in net.stages]
+    assert widths == [(4, 16), (16, 32), (32, 64)]
+    assert [s.blocks[0].conv2.stride for s in net.stages] == [(1, 1), (2, 2), (2, 2)]
+    assert [len(s.blocks) for s in net.stages] == [2, 1, 3]
+    assert net.out_chans == 64 and net.reduction == 4
+    x = torch.randn(1, 1, 12, 9)
+    torch.testing.assert_close(net(x), net.stages(net.stem(x)))
+    assert net(x).shape == (1, 64, 3, 3)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    # He init, fan-out: std sqrt(2 / (out * k * k)) for every convolution
+    big = max(convs, key=lambda m: m.weight.numel())
+    fan_out = big.out_channels * big.kernel_size[0] * big.kernel_size[1]
+    assert abs(big.weight.std().item() / math.sqrt(2 / fan_out) - 1) < 0.15
+
+
+def test_hybrid_tokens_are_the_feature_pixels_row_by_row():
+    embed = HybridEmbed(img_size=(12, 20), in_chans=1, embed_dim=8, layers=(1, 1),
+                        stem="small", width=4)
+    assert embed.grid_size == (6, 10) and embed.num_patches == 60
+    assert embed.patch_size == (1, 1)
+    x = torch.randn(2, 1, 12, 20)
+    feats = embed.backbone(x)  # (B, 32, 6, 10)
+    tokens = embed(x)
+    proj = embed.proj.weight[:, :, 0, 0]  # (D, C): a 1x1 conv is one Linear per pixel
+    for r, c in [(0, 0), (0, 9), (5, 3), (2, 7)]:
+        torch.testing.assert_close(tokens[:, 10 * r + c],
+                                   feats[:, :, r, c] @ proj.T + embed.proj.bias,
+                                   atol=1e-5, rtol=1e-5)

@@ -1,5 +1,6 @@
 """The repository's promises about itself: environment.yml and pyproject.toml agree."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -59,3 +60,16 @@ def test_set_seed_and_count_parameters():
     lin.bias.requires_grad_(False)
     assert vit_tutorial.count_parameters(lin) == 25
     assert vit_tutorial.count_parameters(lin, trainable_only=True) == 20
+
+
+def test_no_test_module_skips_whole_on_timm():
+    # Only the tests that compare with timm need it: they ask for conftest's `timm` fixture,
+    # so the rest of a module still runs where timm is not installed.
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for stmt in ast.parse(path.read_text()).body:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue  # inside a test or a fixture, a skip is per test
+            for node in ast.walk(stmt):
+                if (isinstance(node, ast.Call) and getattr(node.func, "attr", None)
+                        == "importorskip" and node.args and isinstance(node.args[0], ast.Constant)):
+                    assert not node.args[0].value.startswith("timm"), path.name

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vit_tutorial import count_parameters
 from vit_tutorial.t2t import (
     T2TModule,
     TokenAttention,
@@ -23,11 +24,6 @@ from vit_tutorial.t2t import (
 PAPER_KERNELS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 MNIST_KERNELS = ((5, 2, 2), (3, 2, 1), (3, 1, 1))  # 28 -> 14 -> 7 -> 7
 TOKEN_TYPES = ["transformer", "performer"]
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 # --- soft split, re-structurization, grid sizes ------------------------------------------
@@ -113,6 +109,65 @@ def test_non_square_images(token_type):
     assert restructurize(stages[0], t2t.stage_grids[0]).shape == (2, 8, 8, 12)
 
 
+def t2t_by_hand(t2t: T2TModule, x: torch.Tensor, kernels) -> list[torch.Tensor]:
+    """Section 3.1 step by step, from the schedule alone: the tokens after each stage."""
+    stages, image = [], x
+    layers = [t2t.attention1, t2t.attention2, t2t.project]
+    for (k, s, p), layer in zip(kernels, layers, strict=True):
+        B, C, H, W = image.shape
+        rows, cols = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        padded = F.pad(image, (p, p, p, p))
+        windows = [padded[:, :, r * s : r * s + k, c * s : c * s + k].reshape(B, C * k * k)
+                   for r in range(rows) for c in range(cols)]  # soft split, row by row
+        tokens = layer(torch.stack(windows, dim=1))  # (B, rows * cols, D)
+        stages.append(tokens)
+        image = torch.zeros(B, tokens.shape[-1], rows, cols)  # re-structurization
+        for r in range(rows):
+            for c in range(cols):
+                image[:, :, r, c] = tokens[:, r * cols + c]
+    return stages
+
+
+@pytest.mark.parametrize("token_type", TOKEN_TYPES)
+@pytest.mark.parametrize(
+    "img_size, kernels",
+    [((32, 48), PAPER_KERNELS), (28, MNIST_KERNELS), ((20, 13), ((3, 2, 0), (2, 1, 1), (3, 3, 1)))],
+)
+def test_t2t_stages_equal_the_written_out_soft_splits(token_type, img_size, kernels):
+    t2t = T2TModule(img_size=img_size, in_chans=2, embed_dim=12, token_dim=8,
+                    token_type=token_type, kernels=kernels).eval()
+    x = torch.randn(2, 2, *t2t.img_size)
+    with torch.no_grad():
+        tokens, stages = t2t(x, return_stages=True)
+        expected = t2t_by_hand(t2t, x, kernels)
+    assert len(stages) == 3
+    for got, want in zip(stages, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens, expected[-1], atol=1e-5, rtol=1e-5)
+    assert [s.shape[1] for s in stages] == [h * w for h, w in t2t.stage_grids]
+
+
+@pytest.mark.parametrize("token_type", TOKEN_TYPES)
+def test_t2t_layers_and_init_follow_the_official_code(token_type):
+    t2t = T2TModule(img_size=28, in_chans=1, embed_dim=48, token_dim=16, token_type=token_type,
+                    kernels=MNIST_KERNELS)
+    for layer in (t2t.attention1, t2t.attention2):
+        if token_type == "transformer":
+            assert layer.attn.num_heads == 1 and layer.mlp.fc1.out_features == 16
+        else:
+            assert layer.m == 8  # kernel_ratio 0.5
+            torch.testing.assert_close(layer.w @ layer.w.T, 8.0 * torch.eye(8))  # kept its draw
+    linears = [m for m in t2t.modules() if isinstance(m, nn.Linear)]
+    assert all(m.bias is None or not m.bias.any() for m in linears)
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert abs(weights.std().item() - 0.02) < 0.002  # trunc_normal_(std=0.02)
+    for m in t2t.modules():
+        if isinstance(m, nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any()
+    assert "grids 28x28 -> 14x14 -> 7x7 -> 7x7" in repr(t2t)
+    assert "kernels=((5, 2, 2), (3, 2, 1), (3, 1, 1))" in repr(t2t)
+
+
 # --- parameter counts, by formula -------------------------------------------------------
 
 
@@ -169,7 +224,7 @@ EXPECTED_PARAMS = {  # the formula above, evaluated, to pin the numbers
 @pytest.mark.parametrize("embed_dim", [256, 384])
 def test_exact_parameter_counts(token_type, embed_dim):
     t2t = T2TModule(img_size=224, embed_dim=embed_dim, token_type=token_type)
-    n = sum(p.numel() for p in t2t.parameters())
+    n = count_parameters(t2t)
     assert n == t2t_params(token_type, embed_dim) == EXPECTED_PARAMS[token_type, embed_dim]
 
 
@@ -221,6 +276,26 @@ def test_token_attention_written_out():
     torch.testing.assert_close(w[:, 0], weights)
 
 
+def test_token_attention_with_two_heads_written_out():
+    # The presets use one head; with two, each head takes its half of q, k and v.
+    dim, in_dim, heads = 12, 8, 2
+    attn = TokenAttention(dim, in_dim, num_heads=heads)
+    assert attn.scale == (dim // heads) ** -0.5
+    x = torch.randn(2, 5, dim)
+    q, k, v = (x @ attn.qkv.weight.t()).split(in_dim, dim=-1)  # each (B, N, in_dim)
+    outs, maps = [], []
+    for h in range(heads):
+        part = slice(h * 4, (h + 1) * 4)
+        w = torch.softmax(q[..., part] @ k[..., part].transpose(1, 2) * attn.scale, dim=-1)
+        outs.append(w @ v[..., part])
+        maps.append(w)
+    expected = v + attn.proj(torch.cat(outs, dim=-1))
+    torch.testing.assert_close(attn(x), expected)
+    out, weights = attn(x, return_attention=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(weights, torch.stack(maps, dim=1))
+
+
 def test_token_transformer_written_out():
     dim, in_dim = 12, 8
     layer = TokenTransformer(dim, in_dim)
@@ -231,6 +306,9 @@ def test_token_transformer_written_out():
     y = layer.attn(layer.norm1(x))  # no residual around attention: widths differ
     expected = y + layer.mlp.fc2(F.gelu(layer.mlp.fc1(layer.norm2(y))))
     torch.testing.assert_close(layer(x), expected)
+    wide = TokenTransformer(dim, in_dim, mlp_ratio=2.0)
+    assert (wide.mlp.fc1.in_features, wide.mlp.fc1.out_features) == (in_dim, 2 * in_dim)
+    assert wide.mlp.fc2.out_features == in_dim
 
 
 # --- the token performer ----------------------------------------------------------------
@@ -254,6 +332,38 @@ def test_performer_linear_attention_equals_its_quadratic_form():
     kernel = layer.feature_map(q) @ layer.feature_map(k).transpose(1, 2)  # (B, N, N)
     weights = kernel / (kernel.sum(dim=-1, keepdim=True) + layer.epsilon)
     torch.testing.assert_close(layer.attention(x), v + layer.proj(weights @ v))
+
+
+def test_performer_feature_map_by_hand():
+    layer = TokenPerformer(4, 4, kernel_ratio=0.5)  # m = 2 random features
+    with torch.no_grad():
+        layer.w.copy_(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 2.0, -1.0, 0.0]]))
+    x = torch.tensor([[[0.5, -1.0, 0.25, 0.0]]])  # |x|^2 / 2 = 0.65625
+    expected = torch.tensor([[[math.exp(0.5 - 0.65625), math.exp(-2.25 - 0.65625)]]])
+    torch.testing.assert_close(layer.feature_map(x), expected / math.sqrt(2))
+
+
+def test_performer_layer_written_out():
+    layer = TokenPerformer(10, 16).eval()
+    assert layer.norm1.eps == layer.norm2.eps == 1e-5
+    x = torch.randn(2, 7, 10)
+    y = layer.attention(layer.norm1(x))
+    mlp = layer.mlp
+    expected = y + mlp[2](F.gelu(mlp[0](layer.norm2(y))))
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_performer_runs_in_bfloat16_with_float32_features():
+    layer = TokenPerformer(10, 16).eval()
+    x = torch.randn(2, 7, 10)
+    half = TokenPerformer(10, 16).eval().to(torch.bfloat16)
+    half.load_state_dict(layer.state_dict())
+    k = torch.randn(2, 7, 16, dtype=torch.bfloat16)
+    assert layer.feature_map(k).dtype == torch.float32
+    torch.testing.assert_close(layer.feature_map(k), layer.feature_map(k.float()))
+    out = half(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), layer(x), atol=0.1, rtol=0.05)
 
 
 def test_performer_features_estimate_the_softmax_kernel():
@@ -293,7 +403,8 @@ def test_too_coarse_schedule_raises_naming_size_and_schedule():
 
 
 @pytest.mark.parametrize(
-    "kernels", [((7, 4, 2), (3, 2, 1)), ((7, 4), (3, 2, 1), (3, 2, 1)), ((7, 0, 2),) * 3]
+    "kernels", [((7, 4, 2), (3, 2, 1)), ((7, 4), (3, 2, 1), (3, 2, 1)), ((7, 0, 2),) * 3,
+                ((7.0, 4, 2), (3, 2, 1), (3, 2, 1)), ((7, 4, -1), (3, 2, 1), (3, 2, 1))]
 )
 def test_malformed_kernels_raise(kernels):
     with pytest.raises(ValueError, match="three \\(kernel_size, stride, padding\\) triples"):

@@ -4,23 +4,25 @@ import re
 
 import pytest
 import torch
-from conftest import count_params
+from test_t2t_vit import EXPECTED as EXPECTED_PARAMS_T2T
 
 from vit_tutorial import (
     PRESETS,
     VisionTransformer,
     ViTConfig,
+    count_parameters,
     create_model,
     get_config,
     list_models,
 )
 from vit_tutorial.interop import load_timm_state_dict, to_timm_state_dict
 
-timm = pytest.importorskip("timm")
-
-# Exact counts with 1000 classes. The ViT numbers equal timm's and the paper's Table 1
-# (86M / 307M / 632M, rounded there); the hybrid is timm's vit_base_r50_s16_224.
-# T2T-ViT_t counts are discussed in tests/test_t2t_vit.py.
+# Exact counts with 1000 classes. The source of each is timm's model of the same name
+# (test_counts_equal_timm); the papers only round: ViT Table 1 gives 86M / 307M / 632M for
+# Base / Large / Huge, DeiT Table 1 (Touvron et al. 2021) 5M / 22M for Tiny / Small. The
+# hybrid is timm's vit_base_r50_s16_224 (tests/test_hybrid.py counts its parts). The
+# T2T-ViT counts are pinned, and discussed, in tests/test_t2t_vit.py; the _28 models below
+# are ours alone, checked by the formula for patch models and by test_hybrid's for the CNN.
 EXPECTED_PARAMS = {
     "vit_tiny_patch16_224": 5_717_416,
     "vit_small_patch16_224": 22_050_664,
@@ -35,7 +37,7 @@ EXPECTED_PARAMS = {
 
 def meta_count(name: str, **overrides) -> int:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        return count_params(create_model(name, **overrides))
+        return count_parameters(create_model(name, **overrides))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
@@ -43,10 +45,34 @@ def test_paper_parameter_counts(name):
     assert meta_count(name) == EXPECTED_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", ["vit_base_patch32_224", "vit_large_patch32_224"])
-def test_counts_equal_timm(name):
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_counts_equal_timm(timm, name):
     with torch.device("meta"):
-        assert count_params(timm.create_model(name, num_classes=1000)) == EXPECTED_PARAMS[name]
+        model = timm.create_model(name, num_classes=1000)
+    assert count_parameters(model) == EXPECTED_PARAMS[name]
+
+
+def backbone_params_by_formula(cfg: ViTConfig, num_patches: int) -> int:
+    """Everything but the tokenizer, from the config: eq. 1-4 term by term."""
+    D, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    block = (4 * D  # two LayerNorms
+             + 3 * D * D + (3 * D if cfg.qkv_bias else 0) + D * D + D  # qkv and proj
+             + D * hidden + hidden + hidden * D + D)  # the MLP
+    pos = (num_patches + 1) * D if cfg.pos_embed == "learn" else 0  # T2T's table is fixed
+    return (D + pos  # x_class and E_pos
+            + cfg.depth * block + 2 * D  # the blocks and the final LayerNorm
+            + D * cfg.num_classes + cfg.num_classes)  # the head
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_preset_counts_follow_the_formula(name):
+    pinned = {**EXPECTED_PARAMS, **EXPECTED_PARAMS_28, **EXPECTED_PARAMS_T2T}[name]
+    with torch.device("meta"):
+        model = create_model(name)
+    cfg, tokenizer = model.config, count_parameters(model.patch_embed)
+    if cfg.tokenizer == "patch":  # E is P*P*C -> D with a bias; the others count elsewhere
+        assert tokenizer == cfg.patch_size**2 * cfg.in_chans * cfg.embed_dim + cfg.embed_dim
+    assert tokenizer + backbone_params_by_formula(cfg, model.patch_embed.num_patches) == pinned
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -76,16 +102,11 @@ def test_fashion_mnist_parameter_counts(name):
 
 
 def test_every_preset_is_tested_for_its_count():
-    # Like vit_jax's models_test: every preset has a pinned parameter count.
-    assert {n for n in PRESETS if n.endswith("_224")} <= set(EXPECTED_PARAMS)
+    # Like vit_jax's models_test: every preset has a pinned parameter count, exactly one.
+    tables = [EXPECTED_PARAMS, EXPECTED_PARAMS_28, EXPECTED_PARAMS_T2T]
+    pinned = [name for table in tables for name in table]
+    assert sorted(pinned) == list_models() == sorted(PRESETS)
     assert {n for n in PRESETS if n.endswith("_28")} == set(EXPECTED_PARAMS_28)
-
-
-def timm_and_ours(timm_name, our_name, **kw):
-    ref = timm.create_model(timm_name, pretrained=False, **kw).eval()
-    ours = create_model(our_name, **kw).eval()
-    load_timm_state_dict(ours, ref.state_dict())
-    return ref, ours
 
 
 @pytest.mark.parametrize(
@@ -100,7 +121,7 @@ def timm_and_ours(timm_name, our_name, **kw):
              num_classes=10, global_pool="avg"),
     ],
 )
-def test_logits_equal_timm(kw):
+def test_logits_equal_timm(timm, kw):
     timm_kw = dict(kw)
     ours_kw = dict(kw)
     if ours_kw.pop("global_pool", "token") == "avg":
@@ -122,7 +143,7 @@ def test_logits_equal_timm(kw):
         assert torch.equal(back[k], v), k
 
 
-def test_hybrid_logits_equal_timm():
+def test_hybrid_logits_equal_timm(timm):
     kw = dict(img_size=64, depth=2, num_classes=10)
     ref = timm.create_model("vit_base_r50_s16_224", pretrained=False, **kw).eval()
     ours = create_model("vit_base_r50_s16_224", **kw).eval()
@@ -145,6 +166,50 @@ def test_attention_maps_shape_and_rows():
     model2 = create_model("vit_nano_patch4_28").eval()
     model2.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(x), model2(x))
+    # map l is block l's attention on its own input, in the order of the blocks
+    with torch.no_grad():
+        z = model.embed(x)
+        for block, weights in zip(model.blocks, maps, strict=True):
+            _, expected = block.attn(block.norm1(z), return_attention=True)
+            torch.testing.assert_close(weights, expected)
+            z = block(z)
+
+
+def test_forward_written_out_as_eq_1_to_4():
+    model = create_model("vit_nano_patch4_28", depth=2).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        patches = x.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, 1, 7, 7, 4, 4)
+        patches = patches.reshape(2, 49, 16)  # row by row, each patch flattened
+        E = model.patch_embed.proj
+        tokens = patches @ E.weight.reshape(64, 16).T + E.bias  # x_p E
+        z = torch.cat([model.cls_token.weight.expand(2, 1, 64), tokens], 1)  # eq. 1
+        z = z + model.pos_embed.weight
+        torch.testing.assert_close(model.embed(x), z, atol=1e-5, rtol=1e-5)
+        for block in model.blocks:  # eq. 2-3
+            z = block(z)
+        y = model.norm(z[:, 0])  # eq. 4: only the class token is read
+        torch.testing.assert_close(model(x), model.head(y), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.forward_features(x)[:, 0], y, atol=1e-5, rtol=1e-5)
+
+
+def test_default_config_is_vit_base_and_overrides_apply():
+    with torch.device("meta"):
+        model = VisionTransformer()
+        small = VisionTransformer(ViTConfig(), depth=2, num_classes=7)
+    assert model.config == ViTConfig() == get_config("vit_base_patch16_224")
+    assert count_parameters(model) == EXPECTED_PARAMS["vit_base_patch16_224"]
+    assert len(small.blocks) == 2 and small.head.out_features == 7
+    assert small.config == ViTConfig(depth=2, num_classes=7)
+
+
+def test_no_head_returns_the_pooled_features():
+    model = create_model("vit_nano_patch4_28", num_classes=0).eval()
+    assert isinstance(model.head, torch.nn.Identity)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_features(x)[:, 0])
+    assert model(x).shape == (2, model.num_features) == (2, 64)
 
 
 def test_pre_logits_head():
@@ -152,6 +217,11 @@ def test_pre_logits_head():
     feats = model.forward_head(model.forward_features(torch.randn(2, 1, 28, 28)), pre_logits=True)
     assert feats.shape == (2, 32) and feats.abs().max() <= 1  # tanh
     assert model.head.in_features == 32
+    z = torch.randn(2, 50, 64)  # forward_head on any z_L: tanh(W y + b) of the class token
+    linear = model.pre_logits[0]
+    expected = torch.tanh(z[:, 0] @ linear.weight.T + linear.bias)
+    torch.testing.assert_close(model.forward_head(z, pre_logits=True), expected)
+    torch.testing.assert_close(model.forward_head(z), model.head(expected))
     with pytest.raises(ValueError, match="pre-logits"):
         to_timm_state_dict(model)
 
@@ -162,6 +232,17 @@ def test_gap_without_class_token():
     assert model.pos_embed.table().shape == (1, 49, 64)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert model.get_attention_maps(torch.randn(1, 1, 28, 28)).shape == (4, 1, 4, 49, 49)
+    # GAP: the encoder's output is not normalised; the mean of all tokens is
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        z = model.blocks(model.patch_embed(x) + model.pos_embed.weight)
+        torch.testing.assert_close(model.forward_features(x), z)
+        torch.testing.assert_close(model(x), model.head(model.norm(z.mean(dim=1))))
+    # with a class token too, GAP averages the patch tokens only
+    both = create_model("vit_nano_patch4_28", pool="gap").eval()
+    z = torch.randn(2, 50, 64)
+    torch.testing.assert_close(both.forward_head(z, pre_logits=True),
+                               both.norm(z[:, 1:].mean(dim=1)))
 
 
 def test_bad_input_errors():
@@ -210,7 +291,12 @@ def test_load_timm_state_dict_names_bad_keys():
                             "mlp_ratio) >= 1, got 0"),
         (dict(norm_eps=0.0), "norm_eps must be > 0, got 0.0"),
         (dict(img_size=0), "img_size must be positive (height, width), got (0, 0)"),
+        (dict(img_size=(-4, 28)), "img_size must be positive (height, width), got (-4, 28)"),
+        (dict(hybrid_width=0), "hybrid_width must be a positive int, got 0"),
+        (dict(t2t_token_dim=-1), "t2t_token_dim must be a positive int, got -1"),
         (dict(in_chans=0), "in_chans must be a positive int, got 0"),
+        (dict(in_chans=-2), "in_chans must be a positive int, got -2"),
+        (dict(in_chans=2.5), "in_chans must be a positive int, got 2.5"),
         (dict(num_heads=-3), "num_heads must be a positive int, got -3"),
         (dict(num_heads=0), "num_heads must be a positive int, got 0"),
         (dict(patch_size=0), "patch_size must be a positive int, got 0"),
@@ -225,9 +311,32 @@ def test_config_refuses_sizes_and_rates_out_of_range(overrides, message):
         ViTConfig(**overrides)
 
 
+def test_config_accepts_the_smallest_sizes():
+    cfg = ViTConfig(num_classes=0, embed_dim=4, num_heads=1, mlp_ratio=0.25, depth=0,
+                    representation_size=0, drop_rate=0.0, img_size=(16, 32))
+    assert (cfg.num_classes, int(cfg.embed_dim * cfg.mlp_ratio)) == (0, 1)
+    assert cfg.img_size == (16, 32)
+
+
 def test_config_names_every_problem_at_once():
     with pytest.raises(ValueError, match=r"embed_dim must be a positive int, got 0; mlp_ratio"):
         ViTConfig(embed_dim=0)
+    with pytest.raises(ValueError, match=r"^drop_rate must be in \[0, 1\), got 1; attn_drop_rate "
+                                         r".* got 2; drop_path_rate .* got 3$"):
+        ViTConfig(drop_rate=1, attn_drop_rate=2, drop_path_rate=3)  # in the fields' order
+
+
+def test_init_follows_the_reference_code():
+    model = create_model("vit_mini_patch4_28")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(not m.bias.any() for m in linears)  # zero biases, not PyTorch's uniform ones
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert abs(weights.std().item() / 0.02 - 1) < 0.05  # trunc_normal_(std=0.02)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any()
+               for m in norms)
+    conv = model.patch_embed.proj.weight  # PyTorch's fan-in uniform, bound 1/sqrt(16)
+    assert conv.abs().max() <= 0.25 and conv.std() > 0.1
 
 
 def test_no_weight_decay_names_the_tokens_tables_biases_and_norms():
