@@ -50,12 +50,12 @@ unit: setup
 
 # Every shipped checkpoint re-evaluated on the full test set.
 checkpoints: setup
-	@echo "== checkpoints: the four shipped models re-counted on 10,000 test images (about 3-5 min)"
+	@echo "== checkpoints: the four shipped models re-counted on 10,000 test images (about 5-6 min)"
 	$(BIN)/pytest tests -q -m slow
 
 nbval: setup
 ifneq ($(NOTEBOOKS),)
-	@echo "== nbval: every notebook run top to bottom and compared with its saved outputs (about 5 min)"
+	@echo "== nbval: every notebook run top to bottom and compared with its saved outputs (about 8-9 min)"
 	$(BIN)/pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
 endif
 
