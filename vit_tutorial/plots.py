@@ -2,8 +2,8 @@
 
 Used mainly by notebook 09 (seeing inside), and by notebooks 06 (hybrid tokenizer feature
 maps), 07 (T2T stages) and 08 (fine-tuning). Each function draws one figure from plain
-tensors or NumPy arrays (the outputs of `vit_tutorial.explain`, which this module never
-imports) and recreates, where there is one, a figure of Dosovitskiy et al., "An Image is
+tensors or NumPy arrays (the outputs of `vit_tutorial.explain`, whose `curve_area` it
+shares) and recreates, where there is one, a figure of Dosovitskiy et al., "An Image is
 Worth 16x16 Words", ICLR 2021:
 
 - `show_attention`, `attention_grid`: attention maps over the input (Fig. 6).
@@ -45,6 +45,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+
+from .explain import curve_area
 
 __all__ = [
     "to_numpy",
@@ -169,8 +171,9 @@ def upsample(grid_map, size, *, mode: str = "nearest") -> np.ndarray:
 
 def area_under_curve(y, x=None) -> float:
     """Trapezoidal area under y; x defaults to `len(y)` evenly spaced points over [0, 1]."""
-    y = to_numpy(y)
-    x = np.linspace(0.0, 1.0, len(y)) if x is None else to_numpy(x)
+    if x is None:  # evenly spaced: the rule `explain.curve_area` scores the curves with
+        return curve_area(torch.as_tensor(to_numpy(y)))
+    y, x = to_numpy(y), to_numpy(x)
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
 
 
