@@ -1,8 +1,10 @@
 """The checkpoints in data/checkpoints/ are what MANIFEST.json says they are.
 
-The evaluation tests run every shipped model on all 10,000 test images on the CPU (about
-four minutes on 2 cores), so they are marked `slow`: `make unit` skips them and
-`make checkpoints` (part of `make test`) runs them.
+Three levels of re-checking. The unit tests check the files and that the recorded
+predictions (test_outputs.safetensors) give MANIFEST.json's counts. `make checkpoints`
+(`slow`, part of `make test`, about half a minute) runs every model on the first 1,000 test
+images and demands the recorded logits. `make checkpoints-full` (`full`, about five minutes
+on 2 idle cores) runs all 10,000 images and demands every recorded prediction and count.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import pytest
 import torch
 
 import vit_tutorial as vt
-from vit_tutorial.evaluate import evaluate
+from vit_tutorial.evaluate import (
+    RECORDED_FILE,
+    RECORDED_LOGITS,
+    confusion_matrix,
+    evaluate,
+    predict,
+    recorded_outputs,
+)
 
 CKPT_DIR = vt.data.DATA_DIR / "checkpoints"
 MANIFEST = json.loads((CKPT_DIR / "MANIFEST.json").read_text())
@@ -23,7 +32,7 @@ MAX_BYTES = 12 * 1000 * 1000  # the issue's limit: at most 12 MB a file
 
 
 def test_manifest_lists_every_checkpoint_once_with_every_field():
-    files = sorted(p.name for p in CKPT_DIR.glob("*.safetensors"))
+    files = sorted(p.name for p in CKPT_DIR.glob("*.safetensors") if p.name != RECORDED_FILE)
     assert sorted(e["file"] for e in MANIFEST) == files
     assert sorted(BY_KIND) == ["hybrid", "t2t", "vit", "vit_hires"]
     fields = {"file", "kind", "preset", "parent", "accuracy", "correct", "seed", "epochs",
@@ -74,7 +83,40 @@ def test_hires_position_embeddings_descend_from_the_parent():
     assert (mine - resampled).norm() < 0.5 * (other - resampled).norm()
 
 
+@pytest.fixture(scope="module")
+def test_set():
+    return vt.load_fashion_mnist("test")
+
+
+@pytest.mark.parametrize("entry", MANIFEST, ids=lambda e: e["kind"])
+def test_recorded_predictions_give_the_recorded_count(entry, test_set):
+    _, labels = test_set
+    rec = recorded_outputs(entry["kind"])
+    pred, logits = rec["predictions"], rec["logits"]
+    assert pred.shape == (10_000,) and logits.shape == (RECORDED_LOGITS, 10)
+    assert int((pred == labels).sum()) == entry["correct"]
+    assert torch.equal(logits.argmax(1), pred[:RECORDED_LOGITS])
+    assert confusion_matrix(pred, labels).sum() == 10_000
+
+
+def test_recorded_outputs_refuse_an_unknown_kind():
+    with pytest.raises(ValueError, match=r"no recorded outputs for 'vitt'.*'hybrid', 't2t'"):
+        recorded_outputs("vitt")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("entry", MANIFEST, ids=lambda e: e["kind"])
+def test_cpu_logits_reproduce_the_recorded_ones(entry, test_set):
+    """The first 1,000 test images: any change to the model code or the checkpoint that
+    moves a logit by more than float32 noise fails here, long before it flips a count."""
+    model, _ = vt.load_checkpoint(CKPT_DIR / entry["file"])
+    images, _ = test_set
+    logits = predict(model, images[:RECORDED_LOGITS])
+    torch.testing.assert_close(logits, recorded_outputs(entry["kind"])["logits"],
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.full
 @pytest.mark.parametrize("entry", MANIFEST, ids=lambda e: e["kind"])
 def test_cpu_evaluation_reproduces_the_recorded_count(entry):
     model, _ = vt.load_checkpoint(CKPT_DIR / entry["file"])
@@ -83,4 +125,5 @@ def test_cpu_evaluation_reproduces_the_recorded_count(entry):
         f"{entry['file']}: {result['correct']}/10000 correct on this CPU, "
         f"MANIFEST.json records {entry['correct']}"
     )
+    assert torch.equal(result["predictions"], recorded_outputs(entry["kind"])["predictions"])
     assert sum(map(sum, result["confusion"])) == 10_000

@@ -5,6 +5,11 @@
 
 `--confusion PATH` also writes the 10x10 confusion matrix (rows: true class, columns:
 predicted) as JSON. Runs on the CPU in float32 by default, so the count is reproducible.
+
+`recorded_outputs(kind)` returns what a shipped checkpoint computed on the test set when
+`data/checkpoints/manifest.py` measured it, so that a notebook can use all 10,000
+predictions without spending minutes of CPU on them; `make checkpoints` re-computes the
+recorded logits, and `make checkpoints-full` every prediction.
 """
 
 from __future__ import annotations
@@ -12,15 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from .checkpoint import load_checkpoint
-from .data import FASHION_MNIST_CLASSES, load_fashion_mnist, normalize
+from .data import DATA_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist, normalize
 
 __all__ = ["preprocess", "predict", "evaluate", "confusion_matrix",
-           "check_fashion_mnist_model", "main"]
+           "check_fashion_mnist_model", "recorded_outputs", "RECORDED_LOGITS", "main"]
+
+# data/checkpoints/test_outputs.safetensors holds, for each shipped checkpoint KIND,
+# "KIND.predictions" (10000,) uint8 and "KIND.logits" of the first RECORDED_LOGITS images.
+RECORDED_FILE = "test_outputs.safetensors"
+RECORDED_LOGITS = 1000
 
 
 def preprocess(images: torch.Tensor, img_size: tuple[int, int] = (28, 28)) -> torch.Tensor:
@@ -93,6 +105,22 @@ def evaluate(
         "confusion": confusion_matrix(pred, labels).tolist(),
         "predictions": pred,
     }
+
+
+def recorded_outputs(kind: str, *, folder: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """A shipped checkpoint's recorded test-set outputs (CPU, float32, 28x28 test images).
+
+    `kind` is one of the checkpoints in `data/checkpoints/MANIFEST.json` ("vit", "hybrid",
+    "t2t", "vit_hires"). Returns `predictions`, (10000,) int64, the class predicted for every
+    test image, and `logits`, (RECORDED_LOGITS, 10) float32, of the first test images.
+    """
+    path = Path(folder or DATA_DIR / "checkpoints") / RECORDED_FILE
+    with safe_open(path, framework="pt") as f:
+        kinds = sorted({key.split(".")[0] for key in f.keys()})
+        if kind not in kinds:
+            raise ValueError(f"no recorded outputs for {kind!r} in {path}; expected one of {kinds}")
+        return {"predictions": f.get_tensor(f"{kind}.predictions").long(),
+                "logits": f.get_tensor(f"{kind}.logits")}
 
 
 def check_fashion_mnist_model(model: torch.nn.Module) -> None:
