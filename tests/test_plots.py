@@ -245,6 +245,19 @@ def test_attention_grid_list_of_maps_with_titles_and_no_image_column():
     plt.close(fig)
     fig = plots.attention_grid(images, maps[0])  # one array: one map column
     assert len(fig.axes) == 4 and fig.axes[1].get_title() == "attention"
+    assert fig.get_suptitle() == ""
+    plt.close(fig)
+
+
+def test_attention_grid_title_sits_above_the_column_titles():
+    fig = plots.attention_grid(torch.rand(2, 28, 28), {"rollout": torch.rand(2, 49)},
+                               title="ViT Fig. 6")
+    assert fig.get_suptitle() == "ViT Fig. 6"
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    suptitle = fig._suptitle.get_window_extent(renderer)
+    column_title = fig.axes[1].title.get_window_extent(renderer)
+    assert suptitle.y0 >= column_title.y1  # no overlap
     plt.close(fig)
 
 

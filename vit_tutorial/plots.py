@@ -285,6 +285,7 @@ def attention_grid(
     interpolation: str = "nearest",
     colorbar: bool = False,
     panel_size: float = 2.0,
+    title: str | None = None,
 ) -> Figure:
     """Several images by several maps, as in ViT Fig. 6: one row per image.
 
@@ -293,6 +294,7 @@ def attention_grid(
     `titles`, else "map k"), or one such array. The first column shows the image itself
     unless `show_images=False`. `row_labels` (e.g. class names) label the rows. Each panel
     has its own colour limits (methods differ in scale); `colorbar=True` adds one per panel.
+    `title` goes above the whole grid.
     """
     imgs = to_numpy(images)
     if imgs.ndim not in (3, 4):
@@ -328,7 +330,9 @@ def attention_grid(
                 ax.set_title(name)
         if row_labels is not None:
             row[0].set_ylabel(row_labels[r])
-    fig.tight_layout()
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()  # after the suptitle, so that the column titles make room for it
     return fig
 
 
