@@ -62,7 +62,7 @@ checkpoints-full: setup
 nbval: setup
 ifneq ($(NOTEBOOKS),)
 	@echo "== nbval: every notebook run top to bottom and compared with its saved outputs (about 8-9 min)"
-	$(BIN)/pytest --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
+	$(BIN)/pytest --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
 endif
 
 # Re-execute every notebook in place, top to bottom from a fresh kernel.

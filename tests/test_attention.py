@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vit_tutorial import MultiHeadAttention, scaled_dot_product_attention
+from vit_tutorial.attention import attend
 
 
 def test_written_out_attention_matches_fused_kernel():
@@ -100,3 +101,30 @@ def test_written_out_dropout_drops_weights_after_the_softmax():
     torch.testing.assert_close(same, clean)
     torch.testing.assert_close(scaled_dot_product_attention(q, k, v, scale=0.1)[1],
                                torch.softmax(0.1 * q @ k.transpose(-2, -1), dim=-1))
+
+
+def test_attend_adds_the_bias_to_the_logits_on_both_paths():
+    q, k, v = torch.randn(3, 2, 3, 5, 4).unbind(0)  # (B, H, N, d)
+    bias = torch.randn(2, 3, 5, 5)
+    by_hand = torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias, dim=-1)  # (B, H, N, N)
+    out, weights = attend(q, k, v, scale=0.3, bias=bias, need_weights=True)
+    torch.testing.assert_close(weights, by_hand)
+    torch.testing.assert_close(out, by_hand @ v)
+    fused, none = attend(q, k, v, scale=0.3, bias=bias)
+    assert none is None
+    torch.testing.assert_close(fused, out, atol=1e-5, rtol=1e-5)
+    explicit, _ = attend(q, k, v, scale=0.3, bias=bias, fused=False)
+    torch.testing.assert_close(explicit, out)
+
+
+def test_both_paths_use_the_module_scale():
+    # The fused kernel once ignored `scale` and used its own 1/sqrt(d): equal only by default.
+    mha = MultiHeadAttention(16, num_heads=2).eval()
+    x = torch.randn(2, 6, 16)
+    default = mha(x)
+    mha.scale = 0.05
+    written_out, weights = mha(x, return_attention=True)
+    torch.testing.assert_close(mha(x), written_out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(written_out, default, atol=1e-3)
+    q, k, _ = mha.qkv(x).reshape(2, 6, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    torch.testing.assert_close(weights, torch.softmax(0.05 * q @ k.transpose(-2, -1), dim=-1))

@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from notebook_format import repository_url
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(ROOT.glob("notebooks/[0-9]*.ipynb"))
-URL = 'REPO_URL = "https://github.com/vit-tutorial/vit-tutorial"'
+URL = f'REPO_URL = "{repository_url()}"'
 
 SITECUSTOMIZE = '''
 import site, sys

@@ -112,7 +112,7 @@ def test_non_square_images(token_type):
 def t2t_by_hand(t2t: T2TModule, x: torch.Tensor, kernels) -> list[torch.Tensor]:
     """Section 3.1 step by step, from the schedule alone: the tokens after each stage."""
     stages, image = [], x
-    layers = [t2t.attention1, t2t.attention2, t2t.project]
+    layers = [getattr(t2t, f"attention{i}") for i in range(1, len(kernels))] + [t2t.project]
     for (k, s, p), layer in zip(kernels, layers, strict=True):
         B, C, H, W = image.shape
         rows, cols = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
@@ -403,12 +403,28 @@ def test_too_coarse_schedule_raises_naming_size_and_schedule():
 
 
 @pytest.mark.parametrize(
-    "kernels", [((7, 4, 2), (3, 2, 1)), ((7, 4), (3, 2, 1), (3, 2, 1)), ((7, 0, 2),) * 3,
+    "kernels", [(), ((7, 4), (3, 2, 1), (3, 2, 1)), ((7, 0, 2),) * 3,
                 ((7.0, 4, 2), (3, 2, 1), (3, 2, 1)), ((7, 4, -1), (3, 2, 1), (3, 2, 1))]
 )
 def test_malformed_kernels_raise(kernels):
-    with pytest.raises(ValueError, match="three \\(kernel_size, stride, padding\\) triples"):
+    with pytest.raises(ValueError, match="one or more \\(kernel_size, stride, padding\\) triples"):
         T2TModule(img_size=224, kernels=kernels)
+
+
+@pytest.mark.parametrize("kernels", [((3, 3, 0),), ((5, 2, 2), (3, 2, 1)),
+                                     ((3, 1, 1), (3, 2, 1), (3, 2, 1), (3, 1, 1))])
+def test_any_number_of_soft_splits(kernels):
+    """One split is a patch embedding of overlapping windows; each extra split adds a token
+    layer `attention<i>` and a re-structurization before it."""
+    t2t = T2TModule(img_size=12, in_chans=2, embed_dim=16, token_dim=8, kernels=kernels).eval()
+    names = sorted(n for n, _ in t2t.named_children())
+    assert names == sorted([f"attention{i}" for i in range(1, len(kernels))] + ["project"])
+    x = torch.randn(2, 2, 12, 12)
+    tokens, stages = t2t(x, return_stages=True)
+    assert len(stages) == len(kernels) and t2t.grid_size == t2t.stage_grids[-1]
+    with torch.no_grad():
+        for ours, by_hand in zip(stages, t2t_by_hand(t2t, x, kernels), strict=True):
+            torch.testing.assert_close(ours, by_hand, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_token_type_and_bad_grid_raise():

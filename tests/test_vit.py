@@ -16,6 +16,7 @@ from vit_tutorial import (
     list_models,
 )
 from vit_tutorial.interop import load_timm_state_dict, to_timm_state_dict
+from vit_tutorial.vit import POOLS, token_grid
 
 # Exact counts with 1000 classes. The source of each is timm's model of the same name
 # (test_counts_equal_timm); the papers only round: ViT Table 1 gives 86M / 307M / 632M for
@@ -119,13 +120,17 @@ def test_every_preset_is_tested_for_its_count():
              num_classes=10, class_token=False, global_pool="avg"),
         dict(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2,
              num_classes=10, global_pool="avg"),
+        # GAP over normalised tokens, as the official code does it (timm: fc_norm=False)
+        dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+             num_classes=10, class_token=False, global_pool="avg", fc_norm=False),
     ],
 )
 def test_logits_equal_timm(timm, kw):
     timm_kw = dict(kw)
     ours_kw = dict(kw)
     if ours_kw.pop("global_pool", "token") == "avg":
-        ours_kw["pool"] = "gap"
+        # timm normalises after the pooling unless told fc_norm=False
+        ours_kw["pool"], ours_kw["fc_norm"] = "gap", ours_kw.get("fc_norm", True)
     ref = timm.create_model("vit_base_patch16_224", pretrained=False, **timm_kw).eval()
     ours = VisionTransformer(get_config("vit_base_patch16_224", **ours_kw)).eval()
     load_timm_state_dict(ours, ref.state_dict())
@@ -232,17 +237,80 @@ def test_gap_without_class_token():
     assert model.pos_embed.table().shape == (1, 49, 64)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert model.get_attention_maps(torch.randn(1, 1, 28, 28)).shape == (4, 1, 4, 49, 49)
-    # GAP: the encoder's output is not normalised; the mean of all tokens is
+    # GAP as the official code does it: normalise every token of z_L, then average
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         z = model.blocks(model.patch_embed(x) + model.pos_embed.weight)
-        torch.testing.assert_close(model.forward_features(x), z)
-        torch.testing.assert_close(model(x), model.head(model.norm(z.mean(dim=1))))
+        torch.testing.assert_close(model.forward_features(x), model.norm(z))
+        torch.testing.assert_close(model(x), model.head(model.norm(z).mean(dim=1)))
+    # fc_norm=True (timm's GAP): average z_L, then normalise the average
+    fc = create_model("vit_nano_patch4_28", class_token=False, pool="gap", fc_norm=True).eval()
+    fc.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fc.forward_features(x), z)
+        torch.testing.assert_close(fc(x), fc.head(fc.norm(z.mean(dim=1))))
+        assert not torch.allclose(fc(x), model(x), atol=1e-3)  # two different models
     # with a class token too, GAP averages the patch tokens only
     both = create_model("vit_nano_patch4_28", pool="gap").eval()
     z = torch.randn(2, 50, 64)
-    torch.testing.assert_close(both.forward_head(z, pre_logits=True),
-                               both.norm(z[:, 1:].mean(dim=1)))
+    torch.testing.assert_close(both.forward_head(z, pre_logits=True), z[:, 1:].mean(dim=1))
+    with pytest.raises(ValueError, match='fc_norm=True normalises after pooling.*pool="gap"'):
+        ViTConfig(fc_norm=True)
+
+
+def test_pooling_is_one_table():
+    assert set(POOLS) == {"token", "gap"}
+    z = torch.randn(2, 5, 3)
+    torch.testing.assert_close(POOLS["token"](z, 1), z[:, 0])
+    torch.testing.assert_close(POOLS["gap"](z, 1), z[:, 1:].mean(dim=1))
+    torch.testing.assert_close(POOLS["gap"](z, 0), z.mean(dim=1))
+
+
+def test_num_features_is_what_the_head_reads():
+    plain = create_model("vit_nano_patch4_28")
+    assert plain.num_features == 64 == plain.head.in_features
+    rep = create_model("vit_nano_patch4_28", representation_size=32).eval()
+    assert rep.num_features == 32 == rep.head.in_features
+    z = rep.forward_features(torch.randn(2, 1, 28, 28))
+    assert rep.forward_head(z, pre_logits=True).shape == (2, rep.num_features)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_preset_knows_its_grid_without_building(name):
+    cfg = get_config(name)
+    with torch.device("meta"):
+        model = VisionTransformer(cfg)
+    assert cfg.grid_size == token_grid(cfg) == tuple(model.patch_embed.grid_size)
+    assert model.pos_embed.grid_size == cfg.grid_size
+
+
+@pytest.mark.parametrize("tokenizer,field,value,reader", [
+    ("patch", "hybrid_layers", (3, 4, 9), "'hybrid'"),
+    ("patch", "t2t_kernels", ((7, 4, 2),), "'t2t'"),
+    ("patch", "hybrid_width", 32, "'hybrid'"),
+    ("t2t", "patch_size", 4, "'patch' or 'hybrid'"),
+    ("t2t", "hybrid_stem", "small", "'hybrid'"),
+    ("hybrid", "t2t_token_dim", 32, "'t2t'"),
+])
+def test_fields_of_another_tokenizer_are_refused(tokenizer, field, value, reader):
+    extra = dict(hybrid_layers=(1,), patch_size=1) if tokenizer == "hybrid" else {}
+    extra[field] = value
+    with pytest.raises(ValueError, match=rf"tokenizer='{tokenizer}' does not read {field}="
+                                         rf".*\(read by tokenizer {reader}\)"):
+        ViTConfig(tokenizer=tokenizer, **extra)
+
+
+def test_hybrid_reads_one_by_one_patches():
+    with pytest.raises(ValueError, match="1x1 patches.*patch_size must be 1, got 16"):
+        ViTConfig(tokenizer="hybrid", hybrid_layers=(3, 4, 9))
+    with pytest.raises(ValueError, match="needs hybrid_layers"):
+        ViTConfig(tokenizer="hybrid", patch_size=1)
+
+
+def test_get_config_lists_the_known_fields_for_a_typo():
+    with pytest.raises(ValueError, match=r"unknown ViTConfig fields \['embed_dims'\]; known "
+                                         r"fields: \[.*'embed_dim'"):
+        get_config("vit_nano_patch4_28", embed_dims=32)
 
 
 def test_bad_input_errors():

@@ -2,13 +2,14 @@
 
 import importlib
 
-from . import explain
-from .attention import MultiHeadAttention, scaled_dot_product_attention
+from . import augment, explain
+from .attention import MultiHeadAttention, attend, scaled_dot_product_attention
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from .data import (
     FASHION_MNIST_CLASSES,
     load_fashion_mnist,
     load_photo,
+    preprocess,
 )
 from .embeddings import (
     POS_EMBED_TYPES,
@@ -37,7 +38,7 @@ from .patches import (
 from .presets import PRESETS, create_model, get_config, list_models
 from .t2t import T2TModule, TokenPerformer, TokenTransformer, restructurize, soft_split
 from .utils import count_parameters, set_seed
-from .vit import VisionTransformer, ViTConfig
+from .vit import TOKENIZERS, Tokenizer, VisionTransformer, ViTConfig
 
 __version__ = "0.1.0"
 

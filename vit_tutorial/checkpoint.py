@@ -209,9 +209,7 @@ def resize_state_dict(
     The embedding's own class does it (`resample_state`): a learned 1-D table bicubic in
     2-D (ViT paper, section 3.2), a learned 2-D one per axis, fixed tables not at all.
     """
-    with torch.device("meta"):
-        old_grid = VisionTransformer(old_config.replace(depth=0), num_classes=0)
-    old_grid = old_grid.patch_embed.grid_size
+    old_grid = old_config.grid_size  # from the config alone: nothing is built
     new_grid = model.patch_embed.grid_size
     if old_grid == new_grid:
         return state_dict

@@ -16,7 +16,25 @@ from torch import nn
 
 from .attention import MultiHeadAttention
 
-__all__ = ["Mlp", "DropPath", "drop_path", "Block", "Encoder"]
+__all__ = ["Mlp", "DropPath", "drop_path", "Block", "Encoder", "init_weights"]
+
+
+def init_weights(m: nn.Module) -> None:
+    """The Transformer layers' initialisation, for `module.apply(init_weights)`.
+
+    timm's and DeiT's choice, which the T2T-ViT code copies: Linear weights from a normal
+    distribution with std 0.02 truncated at +-2 (absolute, i.e. at 100 std), zero biases,
+    LayerNorm at weight 1 and bias 0. The official ViT code (google-research/vision_transformer)
+    differs: Xavier-uniform Linear kernels, MLP biases from a normal of std 1e-6, and a zero
+    head. Other modules (convolutions) keep PyTorch's default.
+    """
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 class Mlp(nn.Module):
@@ -107,35 +125,18 @@ class Block(nn.Module):
 
 
 class Encoder(nn.ModuleList):
-    """The stack of L blocks. Stochastic depth grows linearly from 0 to `drop_path_rate`."""
+    """The stack of L blocks. Stochastic depth grows linearly from 0 to `drop_path_rate`
+    (DeiT's and timm's schedule; Huang et al.'s linear rule starts above zero).
 
-    def __init__(
-        self,
-        *,
-        depth: int,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path_rate: float = 0.0,
-        norm_eps: float = 1e-6,
-    ):
+    `block_args` are `Block`'s keyword arguments (dim, num_heads, mlp_ratio, ...), the same
+    for every block: `Encoder(depth=12, dim=768, num_heads=12)`.
+    """
+
+    def __init__(self, *, depth: int, drop_path_rate: float = 0.0, **block_args):
+        if "drop_path" in block_args:
+            raise TypeError("Encoder sets each block's drop_path from drop_path_rate")
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        super().__init__(
-            Block(
-                dim,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop=drop,
-                attn_drop=attn_drop,
-                drop_path=rate,
-                norm_eps=norm_eps,
-            )
-            for rate in rates
-        )
+        super().__init__(Block(**block_args, drop_path=rate) for rate in rates)
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False

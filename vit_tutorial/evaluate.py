@@ -20,12 +20,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from .checkpoint import load_checkpoint
-from .data import DATA_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist, normalize
+from .data import DATA_DIR, FASHION_MNIST_CLASSES, load_fashion_mnist, preprocess
 
+# `preprocess` lives in data.py, beside `normalize`; it is named here too, where the
+# notebooks of the course first met it.
 __all__ = ["preprocess", "predict", "evaluate", "confusion_matrix",
            "check_fashion_mnist_model", "recorded_outputs", "RECORDED_LOGITS", "main"]
 
@@ -33,18 +34,6 @@ __all__ = ["preprocess", "predict", "evaluate", "confusion_matrix",
 # "KIND.predictions" (10000,) uint8 and "KIND.logits" of the first RECORDED_LOGITS images.
 RECORDED_FILE = "test_outputs.safetensors"
 RECORDED_LOGITS = 1000
-
-
-def preprocess(images: torch.Tensor, img_size: tuple[int, int] = (28, 28)) -> torch.Tensor:
-    """uint8 (B, 28, 28) or float [0, 1] (B, 1, 28, 28) -> the model's normalized input.
-
-    Images are upsampled bilinearly when the model reads a larger size (fine-tuned models).
-    """
-    x = images.unsqueeze(1) if images.ndim == 3 else images  # (B, 1, 28, 28)
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x
-    if tuple(x.shape[-2:]) != tuple(img_size):
-        x = F.interpolate(x, size=tuple(img_size), mode="bilinear", align_corners=False)
-    return normalize(x)
 
 
 @torch.inference_mode()

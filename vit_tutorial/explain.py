@@ -328,7 +328,7 @@ def class_relevance(
             for block in model.blocks:
                 x, w = block(x, return_attention=True)  # w: (B, H, N, N)
                 weights.append(w)
-            feats = x if model.config.pool == "gap" else model.norm(x)  # as forward_features
+            feats = x if model.config.fc_norm else model.norm(x)  # as forward_features
             logits = model.forward_head(feats)  # (B, num_classes)
             t = _resolve_target(target, logits)  # (B,)
             # Images do not interact in eval mode, so the sum's gradient is every image's own.
@@ -616,7 +616,7 @@ def tokenizer_feature_maps(
     """The tokenizer's intermediate feature maps as (name, (B, C, h, w)), in order.
 
     hybrid: "stem", then "stages.0", "stages.1", ... of the ResNet. T2T: the tokens after
-    "attention1", "attention2" and "project", restructured on `stage_grids`. patch: "proj",
+    "attention1", "attention2", ... and "project", restructured on `stage_grids`. patch: "proj",
     the patch embeddings on the grid, (B, D, gh, gw).
     """
     B = _check_images(images)[0]
@@ -633,7 +633,7 @@ def tokenizer_feature_maps(
             return out
         if tokenizer == "t2t":
             _, stages = pe(images, return_stages=True)  # each (B, N_i, C_i)
-            names = ("attention1", "attention2", "project")
+            names = [f"attention{i}" for i in range(1, len(pe.kernels))] + ["project"]
             triples = zip(names, stages, pe.stage_grids, strict=True)
             return [(name, restructurize(t, grid)) for name, t, grid in triples]
         tokens = pe(images)  # (B, N, D)

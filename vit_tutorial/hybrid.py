@@ -47,6 +47,7 @@ __all__ = [
     "ResNetStage",
     "ResNetV2",
     "HybridEmbed",
+    "feature_grid",
 ]
 
 
@@ -162,6 +163,25 @@ class StdConv2d(nn.Conv2d):
         return super().extra_repr() + f", same={self.same}, eps={self.eps}"
 
 
+STEM_STRIDES = {"resnet": (2, 2), "small": (1,)}  # the stem's conv (and max-pool) strides
+
+
+def feature_grid(
+    img_size: int | tuple[int, int], *, layers: tuple[int, ...], stem: str = "resnet"
+) -> tuple[int, int]:
+    """(rows, cols) of the ResNet-v2 feature map for `img_size`, without building the net.
+
+    Every SAME layer gives ceil(size / stride), and ceil(ceil(n/a)/b) == ceil(n/(ab)), so
+    the whole net is one ceil-division by its total stride: the stem's, then 1 for the first
+    stage and 2 for each later one.
+    """
+    if stem not in STEM_STRIDES:
+        raise ValueError(f"stem must be one of {tuple(STEM_STRIDES)}, got {stem!r}")
+    h, w = to_2tuple(img_size)
+    reduction = math.prod(STEM_STRIDES[stem]) * 2 ** (len(layers) - 1)
+    return (math.ceil(h / reduction), math.ceil(w / reduction))
+
+
 class Stem(nn.Module):
     """The first layer: StdConv -> GroupNorm -> ReLU (-> max-pool).
 
@@ -181,6 +201,7 @@ class Stem(nn.Module):
         self.conv = StdConv2d(in_chans, out_chans, kernel_size=kernel_size, stride=stride)
         self.norm = _group_norm(out_chans)
         self.strides = (stride, 2) if self.pool else (stride,)
+        assert self.strides == STEM_STRIDES[kind]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm(self.conv(x)))  # (B, C, H/s, W/s)
@@ -265,6 +286,7 @@ class ResNetV2(nn.Module):
             raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
         self.layers = layers
         self.in_chans = in_chans
+        self.stem_kind = stem
         self.stem = Stem(in_chans=in_chans, out_chans=width, kind=stem)
 
         strides = list(self.stem.strides)
@@ -295,10 +317,7 @@ class ResNetV2(nn.Module):
 
     def feature_size(self, img_size: int | tuple[int, int]) -> tuple[int, int]:
         """(rows, cols) of the feature map for an image of `img_size`, without a forward pass."""
-        h, w = to_2tuple(img_size)
-        # Every SAME layer gives ceil(size / stride), and ceil(ceil(n/a)/b) == ceil(n/(ab)),
-        # so the whole net is one ceil-division by the total stride.
-        return (math.ceil(h / self.reduction), math.ceil(w / self.reduction))
+        return feature_grid(img_size, layers=self.layers, stem=self.stem_kind)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, width, H/s0, W/s0)

@@ -3,9 +3,9 @@
 Our module names follow the paper and timm (`patch_embed`, `blocks.i.attn.qkv`, `norm`,
 `head`), so the mapping is short: the class token and the learned position table are
 modules here (`cls_token.weight`, `pos_embed.weight`) and bare parameters in timm, and
-with global average pooling timm calls the final LayerNorm `fc_norm`. Nothing here
-downloads: with internet, `timm.create_model(name, pretrained=True).state_dict()` gives a
-dict that `load_timm_state_dict` accepts.
+timm calls the final LayerNorm `fc_norm` when it follows the pooling (our `fc_norm=True`).
+Nothing here downloads: with internet, `timm.create_model(name, pretrained=True).state_dict()`
+gives a dict that `load_timm_state_dict` accepts.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ def _check_convertible(model: VisionTransformer) -> None:
         )
 
 
-def from_timm_key(key: str, *, pool: str = "token") -> str:
+def from_timm_key(key: str, *, fc_norm: bool = False) -> str:
     """The name in our model of timm's parameter `key`."""
     if key in ("cls_token", "pos_embed"):
         return f"{key}.weight"
-    if pool == "gap" and key.startswith("fc_norm."):
+    if fc_norm and key.startswith("fc_norm."):
         return "norm." + key[len("fc_norm.") :]
     return key
 
@@ -83,7 +83,7 @@ def load_timm_state_dict(
 ) -> VisionTransformer:
     """Load a timm ViT or hybrid state dict into the matching model, strictly. Returns `model`."""
     _check_convertible(model)
-    ours = {from_timm_key(k, pool=model.config.pool): v for k, v in state_dict.items()}
+    ours = {from_timm_key(k, fc_norm=model.config.fc_norm): v for k, v in state_dict.items()}
     check_state_dict(model, ours)
     model.load_state_dict(ours, strict=True)
     return model
@@ -92,12 +92,12 @@ def load_timm_state_dict(
 def to_timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     """The model's weights under timm's names, for `timm_model.load_state_dict`."""
     _check_convertible(model)
-    pool = model.config.pool
+    fc_norm = model.config.fc_norm
     inverse = {}
     for key, value in model.state_dict().items():
         if key in ("cls_token.weight", "pos_embed.weight"):
             name = key.split(".")[0]
-        elif pool == "gap" and key.startswith("norm."):
+        elif fc_norm and key.startswith("norm."):
             name = "fc_norm." + key[len("norm.") :]
         else:
             name = key

@@ -87,14 +87,17 @@ def unpatchify(
 
 
 class _PatchGrid(nn.Module):
-    """What both patch embeddings share: the patch grid and the input checks."""
+    """What both patch embeddings share: the signature, the patch grid, the input checks.
+    A subclass says how it projects (`make_proj`) and applies it (`forward`)."""
 
     def __init__(
         self,
         *,
-        img_size: int | tuple[int, int],
-        patch_size: int | tuple[int, int],
-        in_chans: int,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
     ):
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -106,11 +109,14 @@ class _PatchGrid(nn.Module):
             self.img_size[1] // self.patch_size[1],
         )
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = self.make_proj(in_chans, embed_dim, bias)
+
+    def make_proj(self, in_chans: int, embed_dim: int, bias: bool) -> nn.Module:
+        raise NotImplementedError
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming what was expected when `x` is not a batch this model takes."""
         check_image_batch(x, in_chans=self.in_chans, img_size=self.img_size)
-        _check_divisible(x.shape[-2], x.shape[-1], self.patch_size)
 
 
 def check_image_batch(
@@ -133,21 +139,14 @@ def check_image_batch(
 
 
 class PatchEmbed(_PatchGrid):
-    """Eq. 1's patch projection x_p E as a strided convolution: (B, C, H, W) -> (B, N, D)."""
+    """Eq. 1's patch projection x_p E as a strided convolution: (B, C, H, W) -> (B, N, D).
 
-    def __init__(
-        self,
-        *,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int | tuple[int, int] = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        bias: bool = True,
-    ):
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans)
-        self.proj = nn.Conv2d(
-            in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias
-        )
+    Keyword arguments: img_size, patch_size, in_chans, embed_dim, bias.
+    """
+
+    def make_proj(self, in_chans: int, embed_dim: int, bias: bool) -> nn.Module:
+        P = self.patch_size
+        return nn.Conv2d(in_chans, embed_dim, kernel_size=P, stride=P, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -156,20 +155,14 @@ class PatchEmbed(_PatchGrid):
 
 
 class LinearPatchEmbed(_PatchGrid):
-    """The same projection written as the paper says it: flatten the patches, then a Linear."""
+    """The same projection written as the paper says it: flatten the patches, then a Linear.
 
-    def __init__(
-        self,
-        *,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int | tuple[int, int] = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        bias: bool = True,
-    ):
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans)
+    Keyword arguments: img_size, patch_size, in_chans, embed_dim, bias (as `PatchEmbed`).
+    """
+
+    def make_proj(self, in_chans: int, embed_dim: int, bias: bool) -> nn.Module:
         ph, pw = self.patch_size
-        self.proj = nn.Linear(ph * pw * in_chans, embed_dim, bias=bias)
+        return nn.Linear(ph * pw * in_chans, embed_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

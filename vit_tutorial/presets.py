@@ -73,7 +73,7 @@ def get_config(name: str, **overrides) -> ViTConfig:
         raise ValueError(
             f"unknown model {name!r}{hint} (list_models() gives all {len(PRESETS)} names)"
         )
-    return ViTConfig(**{**PRESETS[name], **overrides})
+    return ViTConfig.from_dict({**PRESETS[name], **overrides})  # a typo lists the known fields
 
 
 def create_model(name: str, **overrides) -> VisionTransformer:

@@ -28,14 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import scaled_dot_product_attention
-from .encoder import Mlp
+from .attention import attend
+from .encoder import Mlp, init_weights
 from .patches import check_image_batch, to_2tuple
 
 __all__ = [
     "soft_split",
     "restructurize",
     "split_grid",
+    "stage_grids",
     "TokenAttention",
     "TokenTransformer",
     "TokenPerformer",
@@ -102,11 +103,8 @@ class TokenAttention(nn.Module):
         H, Dh = self.num_heads, self.in_dim // self.num_heads
         qkv = self.qkv(x).reshape(B, N, 3, H, Dh)  # (B, N, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
-        if self.fused and not return_attention:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            weights = None
-        else:
-            out, weights = scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out, weights = attend(q, k, v, scale=self.scale, fused=self.fused,
+                              need_weights=return_attention)
         out = out.transpose(1, 2).reshape(B, N, self.in_dim)  # (B, N, in_dim)
         v = v.transpose(1, 2).reshape(B, N, self.in_dim)  # (B, N, in_dim), heads merged
         out = v + self.proj(out)  # skip through v: x has the wrong width
@@ -204,10 +202,10 @@ class TokenPerformer(nn.Module):
 class T2TModule(nn.Module):
     """Tokens-to-Token tokenizer: (B, C, H, W) -> (B, N, embed_dim).
 
-    Three soft splits given by `kernels` ((kernel, stride, padding) each); a token layer
-    (`attention1`, `attention2`) and a re-structurization follow each of the first two, a
-    Linear `project` follows the last. `forward(x, return_stages=True)` also returns the
-    tokens after each stage, whose grids are in `stage_grids`.
+    One soft split per (kernel, stride, padding) in `kernels` (the paper uses three). A token
+    layer (`attention1`, `attention2`, ...) and a re-structurization follow every split but
+    the last; a Linear `project` follows the last. `forward(x, return_stages=True)` also
+    returns the tokens after each stage, whose grids are in `stage_grids`.
     """
 
     def __init__(
@@ -218,7 +216,7 @@ class T2TModule(nn.Module):
         embed_dim: int = 768,
         token_dim: int = 64,
         token_type: str = "transformer",
-        kernels: tuple[Kernel, Kernel, Kernel] = ((7, 4, 2), (3, 2, 1), (3, 2, 1)),
+        kernels: tuple[Kernel, ...] = ((7, 4, 2), (3, 2, 1), (3, 2, 1)),
     ):
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -227,47 +225,44 @@ class T2TModule(nn.Module):
         self.token_dim = token_dim
         self.token_type = token_type
         self.kernels = _check_kernels(kernels)
-        self.stage_grids = _stage_grids(self.img_size, self.kernels)
+        self.stage_grids = stage_grids(self.img_size, self.kernels)
         self.grid_size = self.stage_grids[-1]
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-        (k0, _, _), (k1, _, _), (k2, _, _) = self.kernels
         if token_type == "transformer":
             layer = lambda dim: TokenTransformer(dim, token_dim, num_heads=1, mlp_ratio=1.0)
         elif token_type == "performer":
             layer = lambda dim: TokenPerformer(dim, token_dim, kernel_ratio=0.5)
         else:
             raise ValueError(f"token_type must be 'transformer' or 'performer', got {token_type!r}")
-        self.attention1 = layer(in_chans * k0 * k0)
-        self.attention2 = layer(token_dim * k1 * k1)
-        self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
+        channels = in_chans  # of the image the next split cuts: pixels, then tokens
+        for i, (k, _, _) in enumerate(self.kernels[:-1], start=1):
+            self.add_module(f"attention{i}", layer(channels * k * k))
+            channels = token_dim
+        k_last = self.kernels[-1][0]
+        self.project = nn.Linear(channels * k_last * k_last, embed_dim)
         # The official T2T_ViT applies this init to every Linear and LayerNorm it holds,
         # this module included; `w` of the performer is neither and keeps its draw.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)
+
+    @property
+    def token_layers(self) -> list[nn.Module]:
+        """`attention1`, `attention2`, ...: one per soft split but the last."""
+        return [getattr(self, f"attention{i}") for i in range(1, len(self.kernels))]
 
     def forward(
         self, x: torch.Tensor, return_stages: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         check_image_batch(x, in_chans=self.in_chans, img_size=self.img_size)
-        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = self.kernels
-        g1, g2, _ = self.stage_grids
         stages = []
-        x = soft_split(x, kernel_size=k0, stride=s0, padding=p0)  # (B, N1, C*k0*k0)
-        x = self.attention1(x)  # (B, N1, token_dim)
-        stages.append(x)
-        x = restructurize(x, g1)  # (B, token_dim, h1, w1)
-        x = soft_split(x, kernel_size=k1, stride=s1, padding=p1)  # (B, N2, token_dim*k1*k1)
-        x = self.attention2(x)  # (B, N2, token_dim)
-        stages.append(x)
-        x = restructurize(x, g2)  # (B, token_dim, h2, w2)
-        x = soft_split(x, kernel_size=k2, stride=s2, padding=p2)  # (B, N, token_dim*k2*k2)
+        splits = zip(self.kernels[:-1], self.stage_grids[:-1], self.token_layers, strict=True)
+        for (k, s, p), grid, layer in splits:
+            x = soft_split(x, kernel_size=k, stride=s, padding=p)  # (B, N_i, C*k*k)
+            x = layer(x)  # (B, N_i, token_dim)
+            stages.append(x)
+            x = restructurize(x, grid)  # (B, token_dim, h_i, w_i)
+        k, s, p = self.kernels[-1]
+        x = soft_split(x, kernel_size=k, stride=s, padding=p)  # (B, N, token_dim*k*k)
         x = self.project(x)  # (B, N, embed_dim)
         stages.append(x)
         return (x, stages) if return_stages else x
@@ -285,26 +280,29 @@ def _is_kernel(t: tuple) -> bool:
     return kernel_size >= 1 and stride >= 1 and padding >= 0
 
 
-def _check_kernels(kernels) -> tuple[Kernel, Kernel, Kernel]:
-    """Three (kernel, stride, padding) triples of ints, kernel and stride >= 1, padding >= 0."""
+def _check_kernels(kernels) -> tuple[Kernel, ...]:
+    """One or more (kernel, stride, padding) triples of ints, kernel and stride >= 1,
+    padding >= 0."""
     try:
         triples = tuple(tuple(k) for k in kernels)
     except TypeError:
         triples = ()
-    ok = len(triples) == 3 and all(_is_kernel(t) for t in triples)
+    ok = len(triples) >= 1 and all(_is_kernel(t) for t in triples)
     if not ok:
         raise ValueError(
-            "kernels must be three (kernel_size, stride, padding) triples of ints with "
+            "kernels must be one or more (kernel_size, stride, padding) triples of ints with "
             f"kernel_size, stride >= 1 and padding >= 0, e.g. ((7, 4, 2), (3, 2, 1), (3, 2, 1)); "
             f"got {kernels!r}"
         )
     return triples
 
 
-def _stage_grids(
-    img_size: tuple[int, int], kernels: tuple[Kernel, ...]
+def stage_grids(
+    img_size: int | tuple[int, int], kernels: tuple[Kernel, ...]
 ) -> tuple[tuple[int, int], ...]:
     """(rows, cols) of the token grid after each soft split; raises if one would be empty."""
+    kernels = _check_kernels(kernels)
+    img_size = to_2tuple(img_size)
     grids, (h, w) = [], img_size
     for i, (k, s, p) in enumerate(kernels):
         h, w = split_grid(h, k, s, p), split_grid(w, k, s, p)

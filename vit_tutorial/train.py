@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .augment import augment, mixup_cutmix
 from .checkpoint import (
     atomic_write,
     load_checkpoint,
@@ -50,7 +51,7 @@ from .checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from .data import augment, load_fashion_mnist, mixup_cutmix
+from .data import load_fashion_mnist
 from .evaluate import predict, preprocess
 from .presets import create_model, get_config
 

@@ -16,19 +16,26 @@ One `VisionTransformer` serves the whole family: only the tokenizer changes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .embeddings import POS_EMBED_TYPES, ClassToken, build_pos_embed
-from .encoder import Encoder
+from .encoder import Encoder, init_weights
 from .patches import PatchEmbed, to_2tuple
 
-__all__ = ["ViTConfig", "VisionTransformer"]
+__all__ = ["ViTConfig", "VisionTransformer", "Tokenizer", "TokenizerSpec", "TOKENIZERS",
+           "POOLS", "token_grid"]
 
-TOKENIZERS = ("patch", "hybrid", "t2t")
-POOLS = ("token", "gap")
+# How the encoder's output z_L (B, prefix + N, D) becomes one vector (B, D) per image.
+# A new pooling is one entry here; `num_prefix` is the number of class tokens in front.
+POOLS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "token": lambda z, num_prefix: z[:, 0],  # the class token's output, eq. 4
+    "gap": lambda z, num_prefix: z[:, num_prefix:].mean(dim=1),  # the patch tokens' mean
+}
 
 
 @dataclass
@@ -46,6 +53,7 @@ class ViTConfig:
     qkv_bias: bool = True  # bias on the q, k, v projections (T2T-ViT has none)
     class_token: bool = True  # prepend the learnable x_class (eq. 1)
     pool: str = "token"  # "token": read the class token; "gap": average the patch tokens
+    fc_norm: bool = False  # the final LayerNorm after pooling (timm's GAP), not on every token
     pos_embed: str = "learn"  # one of embeddings.POS_EMBED_TYPES
     representation_size: int | None = None  # pre-logits Linear + tanh of this width, or None
     tokenizer: str = "patch"  # "patch" | "hybrid" | "t2t"
@@ -71,22 +79,30 @@ class ViTConfig:
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
             )
         for name, value, allowed in [
-            ("pool", self.pool, POOLS),
+            ("pool", self.pool, tuple(POOLS)),
             ("pos_embed", self.pos_embed, POS_EMBED_TYPES),
-            ("tokenizer", self.tokenizer, TOKENIZERS),
+            ("tokenizer", self.tokenizer, tuple(TOKENIZERS)),
         ]:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if self.pool == "token" and not self.class_token:
             raise ValueError('pool="token" needs class_token=True; use pool="gap" without it')
-        if self.tokenizer == "hybrid" and not self.hybrid_layers:
-            raise ValueError("tokenizer='hybrid' needs hybrid_layers, e.g. (3, 4, 9)")
+        if self.fc_norm and self.pool == "token":
+            raise ValueError('fc_norm=True normalises after pooling, which for pool="token" is '
+                             'the same as fc_norm=False; use it with pool="gap"')
+        _check_tokenizer_fields(self)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, cols) of the tokens the tokenizer makes, computed without building it."""
+        return TOKENIZERS[self.tokenizer].grid(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ViTConfig:
+        """A config from a dict of fields; an unknown name is refused with the known ones."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -130,36 +146,109 @@ def _check_ranges(cfg: ViTConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
-def build_tokenizer(cfg: ViTConfig) -> nn.Module:
-    """The module that turns (B, C, H, W) images into (B, N, D) tokens, with `grid_size`."""
-    if cfg.tokenizer == "patch":
-        return PatchEmbed(
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            in_chans=cfg.in_chans,
-            embed_dim=cfg.embed_dim,
-        )
-    if cfg.tokenizer == "hybrid":
-        from .hybrid import HybridEmbed
+class Tokenizer(Protocol):
+    """What `VisionTransformer` needs of a tokenizer (`PatchEmbed`, `HybridEmbed`, `T2TModule`).
 
-        return HybridEmbed(
-            img_size=cfg.img_size,
-            in_chans=cfg.in_chans,
-            embed_dim=cfg.embed_dim,
-            layers=cfg.hybrid_layers,
-            stem=cfg.hybrid_stem,
-            width=cfg.hybrid_width,
-        )
+    Called on images (B, in_chans, *img_size), it returns tokens (B, N, embed_dim) that lie on
+    a `grid_size` = (rows, cols) grid in row-major order, N = `num_patches` = rows * cols. The
+    grid sizes the position embedding, and position tables are resampled on it.
+    """
+
+    grid_size: tuple[int, int]
+    num_patches: int
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """How a config names one tokenizer: how to build it, its grid without building it, and
+    the ViTConfig fields that only it reads (set for another tokenizer, they are refused)."""
+
+    build: Callable[[ViTConfig], Tokenizer]
+    grid: Callable[[ViTConfig], tuple[int, int]]
+    fields: tuple[str, ...]
+
+
+def _patch(cfg: ViTConfig) -> Tokenizer:
+    return PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                      embed_dim=cfg.embed_dim)
+
+
+def _patch_grid(cfg: ViTConfig) -> tuple[int, int]:
+    (H, W), P = cfg.img_size, cfg.patch_size
+    if H % P or W % P:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch size {P}x{P}")
+    return (H // P, W // P)
+
+
+def _hybrid(cfg: ViTConfig) -> Tokenizer:
+    from .hybrid import HybridEmbed
+
+    return HybridEmbed(img_size=cfg.img_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                       layers=cfg.hybrid_layers, stem=cfg.hybrid_stem, width=cfg.hybrid_width)
+
+
+def _hybrid_grid(cfg: ViTConfig) -> tuple[int, int]:
+    from .hybrid import feature_grid
+
+    return feature_grid(cfg.img_size, layers=cfg.hybrid_layers, stem=cfg.hybrid_stem)
+
+
+def _t2t(cfg: ViTConfig) -> Tokenizer:
     from .t2t import T2TModule
 
-    return T2TModule(
-        img_size=cfg.img_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        token_dim=cfg.t2t_token_dim,
-        token_type=cfg.t2t_token_type,
-        kernels=cfg.t2t_kernels,
-    )
+    return T2TModule(img_size=cfg.img_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                     token_dim=cfg.t2t_token_dim, token_type=cfg.t2t_token_type,
+                     kernels=cfg.t2t_kernels)
+
+
+def _t2t_grid(cfg: ViTConfig) -> tuple[int, int]:
+    from .t2t import stage_grids
+
+    return stage_grids(cfg.img_size, cfg.t2t_kernels)[-1]
+
+
+# The tokenizers a config can name. A new one is a module with the `Tokenizer` contract,
+# its config fields in ViTConfig, and one entry here.
+TOKENIZERS: dict[str, TokenizerSpec] = {
+    "patch": TokenizerSpec(_patch, _patch_grid, ("patch_size",)),
+    # Section 3.1: the hybrid cuts its feature map into 1x1 patches; patch_size must be 1.
+    "hybrid": TokenizerSpec(_hybrid, _hybrid_grid,
+                            ("patch_size", "hybrid_layers", "hybrid_stem", "hybrid_width")),
+    "t2t": TokenizerSpec(_t2t, _t2t_grid, ("t2t_token_dim", "t2t_token_type", "t2t_kernels")),
+}
+
+
+def _check_tokenizer_fields(cfg: ViTConfig) -> None:
+    """Fields of another tokenizer must keep their defaults: this one would ignore them."""
+    own = set(TOKENIZERS[cfg.tokenizer].fields)
+    defaults = {f.name: f.default for f in dataclasses.fields(ViTConfig)}
+    foreign = [
+        f"{name}={getattr(cfg, name)!r} (read by tokenizer "
+        f"{' or '.join(repr(t) for t, s in TOKENIZERS.items() if name in s.fields)})"
+        for name in dict.fromkeys(f for s in TOKENIZERS.values() for f in s.fields)
+        if name not in own and getattr(cfg, name) != defaults[name]
+    ]
+    if foreign:
+        raise ValueError(f"tokenizer={cfg.tokenizer!r} does not read {', '.join(foreign)}; "
+                         f"leave them at their defaults or choose that tokenizer")
+    if cfg.tokenizer == "hybrid":
+        if not cfg.hybrid_layers:
+            raise ValueError("tokenizer='hybrid' needs hybrid_layers, e.g. (3, 4, 9)")
+        if cfg.patch_size != 1:
+            raise ValueError(f"tokenizer='hybrid' cuts the CNN's feature map into 1x1 patches "
+                             f"(section 3.1): patch_size must be 1, got {cfg.patch_size}")
+
+
+def token_grid(cfg: ViTConfig) -> tuple[int, int]:
+    """(rows, cols) of the tokens for `cfg`, without building a model (`cfg.grid_size`)."""
+    return TOKENIZERS[cfg.tokenizer].grid(cfg)
+
+
+def build_tokenizer(cfg: ViTConfig) -> Tokenizer:
+    """The module that turns (B, C, H, W) images into (B, N, D) tokens, with `grid_size`."""
+    return TOKENIZERS[cfg.tokenizer].build(cfg)
 
 
 class VisionTransformer(nn.Module):
@@ -173,6 +262,9 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = 1 if cfg.class_token else 0
 
         self.patch_embed = build_tokenizer(cfg)
+        if tuple(self.patch_embed.grid_size) != cfg.grid_size:  # the Tokenizer contract
+            raise RuntimeError(f"tokenizer {cfg.tokenizer!r} made a {self.patch_embed.grid_size} "
+                               f"grid; its spec says {cfg.grid_size}")
         self.cls_token = ClassToken(D) if cfg.class_token else None
         self.pos_embed = build_pos_embed(
             cfg.pos_embed,
@@ -183,16 +275,18 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.blocks = Encoder(
             depth=cfg.depth,
+            drop_path_rate=cfg.drop_path_rate,
             dim=D,
             num_heads=cfg.num_heads,
             mlp_ratio=cfg.mlp_ratio,
             qkv_bias=cfg.qkv_bias,
             drop=cfg.drop_rate,
             attn_drop=cfg.attn_drop_rate,
-            drop_path_rate=cfg.drop_path_rate,
             norm_eps=cfg.norm_eps,
         )
-        # Eq. 4 normalises the class token; with GAP the norm follows the pooling instead.
+        # The final LayerNorm: on every token of z_L (eq. 4 reads the class token's, and the
+        # official code averages the normalised tokens for GAP), or, with fc_norm, on the
+        # pooled vector (timm's default for GAP). One module either way, so the keys agree.
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         if cfg.representation_size:
             self.pre_logits = nn.Sequential(nn.Linear(D, cfg.representation_size), nn.Tanh())
@@ -202,11 +296,13 @@ class VisionTransformer(nn.Module):
             head_in = D
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)  # timm's and DeiT's init, not the official ViT code's
 
     @property
     def num_features(self) -> int:
-        return self.config.embed_dim
+        """The width of the features the last Linear reads (`forward_head(..., pre_logits=True)`):
+        `representation_size` with a pre-logits layer, else the embedding width D."""
+        return self.config.representation_size or self.config.embed_dim
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that AdamW must not decay (as timm's): the class token, the position
@@ -222,17 +318,18 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(self.pos_embed(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> the encoder's output z_L, (B, prefix + N, D); normalised unless GAP."""
+        """Images -> the encoder's output z_L, (B, prefix + N, D); normalised unless fc_norm."""
         x = self.blocks(self.embed(x))
-        return x if self.config.pool == "gap" else self.norm(x)
+        return x if self.config.fc_norm else self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """z_L (B, prefix + N, D) -> y (B, D), by `config.pool` (see POOLS), then fc_norm."""
+        y = POOLS[self.config.pool](x, self.num_prefix_tokens)  # (B, D)
+        return self.norm(y) if self.config.fc_norm else y
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """z_L -> logits (B, num_classes); `pre_logits=True` stops before the last Linear."""
-        if self.config.pool == "gap":
-            x = self.norm(x[:, self.num_prefix_tokens :].mean(dim=1))  # (B, D)
-        else:
-            x = x[:, 0]  # y = LN(z_L^0), the class token (B, D)
-        x = self.head_drop(self.pre_logits(x))
+        x = self.head_drop(self.pre_logits(self.pool(x)))  # (B, num_features)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,14 +341,3 @@ class VisionTransformer(nn.Module):
         _, maps = self.blocks(self.embed(x), return_attention=True)
         return torch.stack(maps)
 
-
-def _init_weights(m: nn.Module) -> None:
-    # As in the reference ViT code: truncated-normal Linear weights, zero biases; the patch
-    # convolution keeps PyTorch's default (fan-in uniform).
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
