@@ -4,6 +4,21 @@ import pytest
 import torch
 
 from vit_tutorial import Block, DropPath, Encoder, Mlp, count_parameters, drop_path
+from vit_tutorial.encoder import init_weights
+
+
+def test_init_weights_is_truncated_normal_002_with_zero_biases():
+    lin, norm, conv = torch.nn.Linear(400, 500), torch.nn.LayerNorm(8), torch.nn.Conv2d(2, 3, 3)
+    with torch.no_grad():
+        norm.weight.fill_(3.0)
+        norm.bias.fill_(1.0)
+    conv_before = conv.weight.clone()
+    for m in (lin, norm, conv):
+        m.apply(init_weights)
+    assert abs(lin.weight.std().item() - 0.02) < 0.0005  # 200,000 draws
+    assert lin.weight.abs().max() <= 2.0 and torch.count_nonzero(lin.bias) == 0
+    assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
+    assert torch.equal(conv.weight, conv_before)  # convolutions keep PyTorch's default
 
 
 def test_block_parameter_count_formula():

@@ -17,6 +17,7 @@ from vit_tutorial.hybrid import (
     ResNetV2,
     StdConv2d,
     Stem,
+    feature_grid,
     group_norm_groups,
     max_pool2d_same,
     pad_same,
@@ -217,12 +218,15 @@ def test_small_backbone_parameter_count_by_formula(width):
 
 
 @pytest.mark.parametrize(
-    "stem, img_size", [("small", (28, 28)), ("small", (30, 17)), ("resnet", (45, 70))]
+    "stem, img_size, layers", [("small", (28, 28), (1, 1, 1)), ("small", (30, 17), (1, 1, 1)),
+                               ("resnet", (45, 70), (1, 1, 1)), ("small", (28, 28), (1,)),
+                               ("small", (30, 17), (1, 1)), ("resnet", (70, 45), (1, 1, 1, 1))]
 )
-def test_grid_size_equals_real_output(stem, img_size):
-    backbone = ResNetV2(layers=(1, 1, 1), stem=stem, width=8)
+def test_grid_size_equals_real_output(stem, img_size, layers):
+    backbone = ResNetV2(layers=layers, stem=stem, width=4)
     out = backbone(torch.zeros(1, 3, *img_size))
     assert tuple(out.shape[-2:]) == backbone.feature_size(img_size)
+    assert feature_grid(img_size, layers=layers, stem=stem) == tuple(out.shape[-2:])
 
 
 def test_gradients_reach_the_stem():

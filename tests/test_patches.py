@@ -58,6 +58,24 @@ def test_unpatchify_infers_a_square_grid_and_the_channels():
     torch.testing.assert_close(unpatchify(patchify(x[:, :1], 8), 8), x[:, :1])  # 2x2, C=1
 
 
+def test_unpatchify_takes_an_int_grid_and_non_square_patches():
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(unpatchify(patchify(x, 4), 4, grid_size=3), x)
+    y = torch.randn(2, 3, 8, 9)  # patches of 2 rows and 3 columns: a 4x3 grid
+    torch.testing.assert_close(unpatchify(patchify(y, (2, 3)), (2, 3), grid_size=(4, 3)), y)
+
+
+def test_non_square_patch_weights_convert_both_ways():
+    conv = PatchEmbed(img_size=(8, 9), patch_size=(2, 3), in_chans=2, embed_dim=5)
+    lin = LinearPatchEmbed(img_size=(8, 9), patch_size=(2, 3), in_chans=2, embed_dim=5)
+    lin.proj.load_state_dict(conv_to_linear_weights(conv.proj))
+    x = torch.randn(2, 2, 8, 9)
+    torch.testing.assert_close(lin(x), conv(x), atol=1e-5, rtol=1e-5)
+    back = PatchEmbed(img_size=(8, 9), patch_size=(2, 3), in_chans=2, embed_dim=5)
+    back.proj.load_state_dict(linear_to_conv_weights(lin.proj, (2, 3), 2))
+    torch.testing.assert_close(back.proj.weight, conv.proj.weight)
+
+
 def test_unpatchify_needs_grid_for_non_square():
     with pytest.raises(ValueError, match="square grid"):
         unpatchify(torch.zeros(1, 6, 16), 4)

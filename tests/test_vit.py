@@ -300,6 +300,22 @@ def test_fields_of_another_tokenizer_are_refused(tokenizer, field, value, reader
         ViTConfig(tokenizer=tokenizer, **extra)
 
 
+def test_a_foreign_field_is_named_once():
+    with pytest.raises(ValueError) as err:
+        ViTConfig(tokenizer="t2t", patch_size=4)  # read by two tokenizers, named once
+    assert str(err.value).count("patch_size=") == 1
+
+
+def test_head_dropout_acts_in_training_only():
+    model = create_model("vit_nano_patch4_28", drop_rate=0.5)
+    z = torch.randn(4, 50, 64)
+    model.train()
+    dropped = model.forward_head(z, pre_logits=True)  # (B, D) after head_drop
+    assert 0.3 < (dropped == 0).float().mean() < 0.7
+    model.eval()
+    torch.testing.assert_close(model.forward_head(z, pre_logits=True), model.pool(z))
+
+
 def test_hybrid_reads_one_by_one_patches():
     with pytest.raises(ValueError, match="1x1 patches.*patch_size must be 1, got 16"):
         ViTConfig(tokenizer="hybrid", hybrid_layers=(3, 4, 9))
@@ -368,6 +384,8 @@ def test_load_timm_state_dict_names_bad_keys():
         (dict(num_heads=-3), "num_heads must be a positive int, got -3"),
         (dict(num_heads=0), "num_heads must be a positive int, got 0"),
         (dict(patch_size=0), "patch_size must be a positive int, got 0"),
+        (dict(patch_size=-4), "patch_size must be a positive int, got -4"),
+        (dict(embed_dim=8, num_heads=1, mlp_ratio=0.1), "int(embed_dim * mlp_ratio) >= 1, got 0.1"),
         (dict(num_classes=-1), "num_classes must be an int >= 0 (0: no head), got -1"),
         (dict(representation_size=-1), "representation_size must be None or an int >= 0, got -1"),
         (dict(drop_path_rate=1.0), "drop_path_rate must be in [0, 1), got 1.0"),
