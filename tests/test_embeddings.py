@@ -4,11 +4,15 @@ import re
 import pytest
 import torch
 
+import vit_tutorial as vt
 from vit_tutorial import (
     POS_EMBED_TYPES,
     ClassToken,
     LearnedPosEmbed,
     LearnedPosEmbed2D,
+    MultiHeadAttention,
+    RelativePosEmbed,
+    RelativePositionLogits,
     SinCosPosEmbed1D,
     SinCosPosEmbed2D,
     build_pos_embed,
@@ -18,6 +22,7 @@ from vit_tutorial import (
     sincos_1d_table,
     sincos_2d_table,
 )
+from vit_tutorial.embeddings import relative_offset_index
 
 
 @pytest.mark.parametrize("kind", POS_EMBED_TYPES)
@@ -27,7 +32,7 @@ def test_every_pos_embed_keeps_shape(kind):
     x = torch.randn(2, 13, 8)
     assert pe(x).shape == x.shape
     table = pe.table()
-    assert (table is None) == (kind == "none")
+    assert (table is None) == (kind in ("none", "relative"))  # relative: in the attention
     if table is not None:
         assert table.shape == (1, 13, 8)
         torch.testing.assert_close(pe(x), x + table)  # eq. 1: the table is added
@@ -185,8 +190,10 @@ def test_resample_pos_embed_refuses_empty_grids(kwargs, message):
 def test_every_pos_embed_type_is_a_registered_class_that_resamples_itself():
     from vit_tutorial.embeddings import pos_embed_class
 
-    assert POS_EMBED_TYPES == ("learn", "learn2d", "sincos2d", "sincos1d", "none")
+    assert POS_EMBED_TYPES == ("learn", "learn2d", "relative", "sincos2d", "sincos1d", "none")
     for kind in POS_EMBED_TYPES:
+        if kind == "relative":  # refuses another grid: test_relative_embeddings_refuse_...
+            continue
         cls = pos_embed_class(kind)
         module = cls(grid_size=(2, 3), dim=8, num_prefix_tokens=1)
         state = {k: v.clone() for k, v in module.state_dict().items()}
@@ -289,3 +296,81 @@ def test_learned_2d_resample_changes_both_axes_with_its_own_size():
     resampled = LearnedPosEmbed2D.resample_state(half, old_grid=(2, 4), new_grid=(5, 3),
                                                  num_prefix_tokens=1)
     assert {v.dtype for v in resampled.values()} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------
+# Relative position embeddings (appendix D.4)
+# ---------------------------------------------------------------------------------------
+
+
+def test_relative_offset_index_by_hand():
+    # 3 patches behind 1 class token: offsets p_i - p_j + 2 for patches, row 5 for the class token
+    expected = torch.tensor([[5, 5, 5, 5],
+                             [5, 2, 1, 0],
+                             [5, 3, 2, 1],
+                             [5, 4, 3, 2]])
+    assert torch.equal(relative_offset_index(3, 1), expected)
+    assert torch.equal(relative_offset_index(3, 0), expected[1:, 1:])
+
+
+def test_relative_logits_are_the_query_against_the_offsets_embedding():
+    rel = RelativePositionLogits(num_patches=4, head_dim=3, num_prefix_tokens=1)
+    q = torch.randn(2, 2, 5, 3)  # (B, H, L, d), L = 1 + 4
+    bias = rel(q, 0.5)
+    assert bias.shape == (2, 2, 5, 5) and rel.weight.shape == (2 * 4, 3)
+    for i in range(5):
+        for j in range(5):
+            row = 7 if i == 0 or j == 0 else (i - 1) - (j - 1) + 3  # offset p_i - p_j
+            torch.testing.assert_close(bias[:, :, i, j], 0.5 * q[:, :, i] @ rel.weight[row])
+    with pytest.raises(ValueError, match="built for 5 tokens, got 4"):
+        rel(q[:, :, :4], 0.5)
+
+
+def test_relative_attention_logits_equal_a_written_out_version():
+    mha = MultiHeadAttention(12, num_heads=2, logit_bias=RelativePositionLogits(
+        num_patches=6, head_dim=6, num_prefix_tokens=0)).eval()
+    x = torch.randn(2, 6, 12)
+    q, k, v = mha.qkv(x).reshape(2, 6, 3, 2, 6).permute(2, 0, 3, 1, 4)  # each (B, H, N, d)
+    r = mha.logit_bias.weight  # (2 * 6, d): one key per offset
+    logits = torch.empty(2, 2, 6, 6)
+    for i in range(6):
+        for j in range(6):  # content + position: q_i . k_j + q_i . r_{i - j}, both scaled
+            logits[:, :, i, j] = (q[:, :, i] * (k[:, :, j] + r[i - j + 5])).sum(-1) / math.sqrt(6)
+    weights = logits.softmax(dim=-1)
+    expected = mha.proj((weights @ v).transpose(1, 2).reshape(2, 6, 12))
+    out, w = mha(x, return_attention=True)
+    torch.testing.assert_close(w, weights)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mha(x), expected, atol=1e-5, rtol=1e-5)  # the fused path
+
+
+def test_relative_model_has_a_table_per_block_and_no_absolute_one():
+    base = vt.create_model("vit_mini_patch4_28")
+    rel = vt.create_model("vit_mini_patch4_28", pos_embed="relative")
+    D, L, N, H = 192, 9, 49, 3
+    # no (1 + N) x D table; each block: 2N rows (2N - 1 offsets + the class token's) of D/H
+    extra = L * 2 * N * (D // H) - (1 + N) * D
+    assert vt.count_parameters(rel) == vt.count_parameters(base) + extra == 4_065_994
+    assert rel.pos_embed.table() is None
+    assert all(f"blocks.{i}.attn.logit_bias.weight" in rel.no_weight_decay() for i in range(L))
+    assert base.blocks[0].attn.logit_bias is None
+
+
+def test_relative_positions_break_the_permutation_symmetry():
+    # Without positions, attention is permutation-equivariant; relative offsets are not.
+    x = torch.randn(1, 49, 64)
+    perm = torch.randperm(49)
+    for kind, equivariant in [("none", True), ("relative", False)]:
+        model = vt.create_model("vit_nano_patch4_28", pos_embed=kind, class_token=False,
+                                pool="gap").eval()
+        with torch.no_grad():
+            same = torch.allclose(model.blocks(x)[:, perm], model.blocks(x[:, perm]), atol=1e-5)
+        assert same == equivariant, kind
+
+
+def test_relative_embeddings_refuse_another_grid():
+    with pytest.raises(ValueError, match=r"7x7 grid, which has no 2-D resampling to 14x14"):
+        RelativePosEmbed.resample_state({}, old_grid=(7, 7), new_grid=(14, 14),
+                                        num_prefix_tokens=1)
+    assert RelativePosEmbed.resample_state({}, old_grid=(7, 7), new_grid=(7, 7),
+                                           num_prefix_tokens=1) == {}

@@ -251,6 +251,11 @@ def test_eval_every_skips_evaluations_and_changes_nothing_else(reference, tmp_pa
         ("--drop-path", "1", "drop_path must be in [0, 1), got 1.0"),
         ("--batch-size", "0", "batch_size must be at least 1, got 0"),
         ("--min-lr", "1", "min_lr must be in [0, lr=0.001], got 1.0"),
+        ("--model-arg", "pool", "--model-arg: expected KEY=VALUE, got 'pool'"),
+        ("--model-arg", "pos_embd=relative", "--model-arg: unknown ViTConfig fields ['pos_embd']"),
+        ("--model-arg", "pool=max", "--model-arg: unknown pool 'max'"),
+        ("--model-arg", "drop_path_rate=0.2", "drop_path_rate is set by --drop-path"),
+        ("--model-arg", "depth=-1", "depth must be an int >= 0, got -1"),
     ],
 )
 def test_bad_settings_exit_2_with_a_message_naming_them(flag, value, message, tmp_path,
@@ -262,6 +267,22 @@ def test_bad_settings_exit_2_with_a_message_naming_them(flag, value, message, tm
     last = err.splitlines()[-1]  # argparse's one-line refusal, after the usage
     assert last.startswith("python -m vit_tutorial.train: error: ") and message in last
     assert not (tmp_path / "run").exists()
+
+
+def test_model_args_change_the_preset_and_define_the_run(tmp_path):
+    cfg = train_module.parse_args(_argv(tmp_path / "run", "--model-arg", "pos_embed=relative",
+                                        "--model-arg", "class_token=False",
+                                        "--model-arg", "pool=gap", "--epochs", "1"))
+    assert cfg.model_overrides() == {"pos_embed": "relative", "class_token": False,
+                                     "pool": "gap"}
+    assert "model_arg" in TrainConfig.resume_fields()
+    _train(_argv(tmp_path / "run", "--model-arg", "pos_embed=relative", "--model-arg",
+                 "class_token=False", "--model-arg", "pool=gap", epochs=1))
+    config, meta = read_metadata(tmp_path / "run" / "model.safetensors")
+    assert (config.pos_embed, config.class_token, config.pool) == ("relative", False, "gap")
+    assert meta["preset"] == MODEL and "--model-arg pos_embed=relative" in meta["command"]
+    model, _ = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert model.blocks[0].attn.logit_bias is not None and model.cls_token is None
 
 
 def test_unknown_model_names_the_closest_presets(tmp_path, capsys):

@@ -17,6 +17,8 @@ from .embeddings import (
     LearnedPosEmbed,
     LearnedPosEmbed2D,
     NoPosEmbed,
+    RelativePosEmbed,
+    RelativePositionLogits,
     SinCosPosEmbed1D,
     SinCosPosEmbed2D,
     build_pos_embed,

@@ -80,6 +80,8 @@ class MultiHeadAttention(nn.Module):
 
     `fused=True` uses `F.scaled_dot_product_attention`; `forward(x, return_attention=True)`
     always takes the written-out path and also returns the (B, heads, N, N) weights.
+    `logit_bias`, a module called as `logit_bias(q, scale)` that returns (B, heads, N, N), is
+    added to the logits: relative position embeddings (`embeddings.RelativePositionLogits`).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class MultiHeadAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         fused: bool = True,
+        logit_bias: nn.Module | None = None,
     ):
         super().__init__()
         if dim % num_heads:
@@ -106,6 +109,7 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)  # U_qkv, all heads at once
         self.proj = nn.Linear(dim, dim)  # U_msa
         self.proj_drop = nn.Dropout(proj_drop)
+        self.logit_bias = logit_bias
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -113,7 +117,8 @@ class MultiHeadAttention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
-        out, weights = attend(q, k, v, scale=self.scale, dropout_p=self.attn_drop,
+        bias = None if self.logit_bias is None else self.logit_bias(q, self.scale)  # (B, H, N, N)
+        out, weights = attend(q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop,
                               training=self.training, fused=self.fused,
                               need_weights=return_attention)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, H, N, Dh) -> (B, N, H*Dh)

@@ -3,17 +3,19 @@
 ViT paper eq. 1: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos. The learnable class token
 x_class gathers the image's representation; E_pos tells the encoder where each patch came
 from. Appendix D.4 compares no position embedding, learned 1-D, learned 2-D and
-relative embeddings; the first three are here, with two fixed tables:
+relative embeddings; all four are here, with two fixed tables:
 
     "learn"     learned 1-D table, one vector per position in raster order (paper default)
     "learn2d"   learned 2-D: a row table and a column table of D/2 each, concatenated
+    "relative"  learned embeddings of the 1-D offset between two patches, entering every
+                attention layer's logits (`RelativePositionLogits`); nothing is added to
+                the tokens
     "none"      no position information: the encoder sees a bag of patches
     "sincos2d"  fixed 2-D sine-cosine (the row and column halves of Vaswani et al.'s table)
     "sincos1d"  the fixed 1-D table of Vaswani et al., which T2T-ViT uses
 
-Relative position embeddings (D.4's fourth choice) are not implemented. Section 3.2:
-at a higher fine-tuning resolution the patch grid grows, so the learned table is
-resampled in 2-D (`resample_pos_embed`).
+Section 3.2: at a higher fine-tuning resolution the patch grid grows, so the learned table
+is resampled in 2-D (`resample_pos_embed`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ __all__ = [
     "SinCosPosEmbed2D",
     "SinCosPosEmbed1D",
     "NoPosEmbed",
+    "RelativePosEmbed",
+    "RelativePositionLogits",
+    "relative_offset_index",
     "build_pos_embed",
     "pos_embed_class",
     "sincos_1d_table",
@@ -203,9 +208,71 @@ class NoPosEmbed(nn.Module):
         return x
 
 
+class RelativePositionLogits(nn.Module):
+    """Appendix D.4's relative positional embedding, for one attention layer.
+
+    "1-dimensional Relative Attention": every pair of patches has an offset p_q - p_k in the
+    raster sequence, from -(N-1) to N-1, and every offset a learned embedding r. An extra
+    attention uses the original query but the embeddings as keys, and its logits are added to
+    the content logits before the softmax: bias[b, h, i, j] = scale * q_i . r_{p_i - p_j}.
+    The embeddings have the head width and are shared by the heads (as in Shaw et al. 2018).
+    Pairs with a prefix (class) token, which has no grid position, share one more learned
+    embedding, the table's last row. `forward(q, scale)` returns the bias, (B, H, N, N).
+    """
+
+    def __init__(self, *, num_patches: int, head_dim: int, num_prefix_tokens: int = 1):
+        super().__init__()
+        self.num_patches = num_patches
+        self.num_prefix_tokens = num_prefix_tokens
+        self.weight = nn.Parameter(torch.randn(2 * num_patches, head_dim) * 0.02)  # (2N-1 + 1, d)
+        self.register_buffer(
+            "index", relative_offset_index(num_patches, num_prefix_tokens), persistent=False
+        )
+
+    def forward(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        B, H, L, _ = q.shape
+        if L != self.index.shape[0]:
+            raise ValueError(f"relative positions were built for {self.index.shape[0]} tokens, "
+                             f"got {L}")
+        logits = (q * scale) @ self.weight.transpose(0, 1)  # (B, H, L, 2N): q against every r
+        return logits.gather(-1, self.index.expand(B, H, L, L))  # (B, H, L, L): r_{p_i - p_j}
+
+    def extra_repr(self) -> str:
+        return f"num_patches={self.num_patches}, offsets={2 * self.num_patches - 1} + 1 (prefix)"
+
+
+def relative_offset_index(num_patches: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(L, L) rows of the relative table, L = prefix + N: p_i - p_j + N - 1 for two patches
+    (0 .. 2N - 2), and 2N - 1 for any pair that involves a prefix token."""
+    p = torch.arange(num_patches)
+    patches = p[:, None] - p[None, :] + num_patches - 1  # (N, N)
+    L = num_prefix_tokens + num_patches
+    index = torch.full((L, L), 2 * num_patches - 1, dtype=torch.long)
+    index[num_prefix_tokens:, num_prefix_tokens:] = patches
+    return index
+
+
+class RelativePosEmbed(NoPosEmbed):
+    """pos_embed="relative": nothing is added to the tokens; each attention layer holds a
+    `RelativePositionLogits` instead (`VisionTransformer` builds them when it sees this)."""
+
+    relative = True
+
+    @staticmethod
+    def resample_state(state, *, old_grid, new_grid, num_prefix_tokens):
+        if tuple(old_grid) != tuple(new_grid):
+            raise ValueError(
+                f"relative position embeddings are learned per offset of the raster sequence of "
+                f"a {old_grid[0]}x{old_grid[1]} grid, which has no 2-D resampling to "
+                f"{new_grid[0]}x{new_grid[1]}; train at the new size instead"
+            )
+        return dict(state)
+
+
 _POS_EMBEDS = {
     "learn": LearnedPosEmbed,
     "learn2d": LearnedPosEmbed2D,
+    "relative": RelativePosEmbed,
     "sincos2d": SinCosPosEmbed2D,
     "sincos1d": SinCosPosEmbed1D,
     "none": NoPosEmbed,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .attention import MultiHeadAttention
+from .embeddings import RelativePositionLogits
 
 __all__ = ["Mlp", "DropPath", "drop_path", "Block", "Encoder", "init_weights"]
 
@@ -87,7 +88,11 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm Transformer encoder layer (eq. 2-3): (B, N, D) -> (B, N, D)."""
+    """One pre-norm Transformer encoder layer (eq. 2-3): (B, N, D) -> (B, N, D).
+
+    `relative_positions=(num_patches, num_prefix_tokens)` gives its attention learned
+    relative position embeddings (appendix D.4, `RelativePositionLogits`).
+    """
 
     def __init__(
         self,
@@ -100,11 +105,18 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
+        relative_positions: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        logit_bias = None
+        if relative_positions is not None:
+            num_patches, num_prefix_tokens = relative_positions
+            logit_bias = RelativePositionLogits(num_patches=num_patches, head_dim=dim // num_heads,
+                                                num_prefix_tokens=num_prefix_tokens)
         self.attn = MultiHeadAttention(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+            logit_bias=logit_bias,
         )
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)

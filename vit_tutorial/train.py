@@ -24,6 +24,7 @@ the same command trains with DistributedDataParallel; the global batch stays
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import hashlib
 import io
@@ -77,6 +78,8 @@ __all__ = [
 NUM_CLASSES = 10  # Fashion-MNIST
 STATE_FORMAT = "vit_tutorial.state/1"  # state.pt: a SHA-256 and the pickled state's bytes
 CHOICES = {"amp": ("auto", "bf16", "off"), "save_dtype": ("float32", "bfloat16", "float16")}
+# ViTConfig fields that a flag of their own sets (--model-arg refuses them).
+_FLAG_FIELDS = {"drop_path_rate": "drop-path", "drop_rate": "dropout", "img_size": "img-size"}
 
 
 def _setting(default, help: str, *, resume: bool = True):
@@ -96,6 +99,9 @@ class TrainConfig:
 
     model: str = field(metadata={"help": "a name from vit_tutorial.list_models()"})
     out: str = field(metadata={"help": "folder for checkpoints and logs", "resume": False})
+    model_arg: tuple[str, ...] = _setting((), "change one field of the preset's ViTConfig, "
+                                              "KEY=VALUE; repeatable, e.g. --model-arg "
+                                              "pos_embed=relative --model-arg pool=gap")
     epochs: int = _setting(100, "epochs to train")
     batch_size: int = _setting(256, "global batch size, split evenly across DDP processes")
     lr: float = _setting(1e-3, "peak learning rate, reached at the end of the warm-up")
@@ -167,12 +173,33 @@ class TrainConfig:
             problems.append("out must name a folder, got ''")
         if problems:
             raise ValueError("; ".join(problems))
+        self.model_arg = tuple(self.model_arg)
+        try:
+            self.model_overrides()  # a bad KEY=VALUE fails here, not after the data is loaded
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--model-arg: {e}") from None
         preset = get_config(self.model)  # an unknown name fails here, with the closest names
         if self.init is None and self.img_size is not None and (
                 (self.img_size, self.img_size) == preset.img_size):
             self.img_size = None  # the preset's own size: the same run as leaving it out
         if self.argv is not None:
             self.argv = tuple(self.argv)
+
+    def model_overrides(self) -> dict:
+        """`model_arg` as ViTConfig overrides, checked against the preset: {"pool": "gap"}."""
+        overrides = {}
+        for item in self.model_arg:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            if key in _FLAG_FIELDS:
+                raise ValueError(f"{key} is set by --{_FLAG_FIELDS[key]}, not by --model-arg")
+            try:
+                overrides[key] = ast.literal_eval(text)  # 0.1, True, (3, 4, 9), "gap"
+            except (ValueError, SyntaxError):
+                overrides[key] = text  # a bare word: pos_embed=relative
+        get_config(self.model, **overrides)  # unknown fields and bad values fail here
+        return overrides
 
     @classmethod
     def resume_fields(cls) -> tuple[str, ...]:
@@ -202,6 +229,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             p.add_argument(flag, required=True, help=help)
         elif name == "argv":
             continue
+        elif name == "model_arg":
+            p.add_argument(flag, action="append", default=[], metavar="KEY=VALUE", help=help)
         elif f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", help=help)
         elif name in CHOICES:
@@ -538,7 +567,7 @@ def _setup_distributed(device: str | None) -> tuple[int, int, torch.device]:
 def _build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict | None]:
     """The preset, or the `--init` checkpoint (resampled to `--img-size`) checked against it."""
     torch.manual_seed(cfg.seed)
-    overrides = dict(drop_path_rate=cfg.drop_path, drop_rate=cfg.dropout)
+    overrides = dict(cfg.model_overrides(), drop_path_rate=cfg.drop_path, drop_rate=cfg.dropout)
     if cfg.img_size:
         overrides["img_size"] = cfg.img_size
     if not cfg.init:

@@ -283,6 +283,8 @@ class VisionTransformer(nn.Module):
             drop=cfg.drop_rate,
             attn_drop=cfg.attn_drop_rate,
             norm_eps=cfg.norm_eps,
+            relative_positions=((self.patch_embed.num_patches, self.num_prefix_tokens)
+                                if getattr(self.pos_embed, "relative", False) else None),
         )
         # The final LayerNorm: on every token of z_L (eq. 4 reads the class token's, and the
         # official code averages the normalised tokens for GAP), or, with fc_norm, on the
@@ -306,9 +308,10 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that AdamW must not decay (as timm's): the class token, the position
-        tables, and every bias and norm weight (all 1-D)."""
+        tables (relative ones too), and every bias and norm weight (all 1-D)."""
         return {name for name, p in self.named_parameters()
-                if p.ndim <= 1 or name.startswith(("cls_token.", "pos_embed."))}
+                if p.ndim <= 1 or name.startswith(("cls_token.", "pos_embed."))
+                or ".logit_bias." in name}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 1: images (B, C, H, W) -> z_0 (B, prefix + N, D)."""

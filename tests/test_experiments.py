@@ -1,0 +1,97 @@
+"""Tests for vit_tutorial/experiments.py: every experiment's --quick path runs each arm on the
+CPU and writes its results; the arms of each experiment differ only where they should."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+import vit_tutorial as vt
+from vit_tutorial import experiments as ex
+
+NAMES = list(ex.EXPERIMENTS)
+
+
+@functools.cache
+def _data():
+    train_x, train_y = vt.load_fashion_mnist("train")
+    test_x, test_y = vt.load_fashion_mnist("test")
+    return train_x, train_y, test_x[:32], test_y[:32]
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("experiments")
+    return {name: json.loads(ex.run_experiment(name, out=out, quick=True, data=_data(),
+                                               command=f"test {name}").read_text())
+            for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quick_runs_every_arm_once_and_records_it(name, quick_results):
+    exp, result = ex.EXPERIMENTS[name], quick_results[name]
+    assert result["quick"] and result["seeds"] == [0] and result["command"] == f"test {name}"
+    assert [a["name"] for a in result["arms"]] == [a.name for a in exp.arms]
+    assert [r["arm"] for r in result["runs"]] == [a.name for a in exp.arms]
+    for arm, run in zip(exp.arms, result["runs"], strict=True):
+        assert len(run["history"]) == 1 and run["history"][0]["epoch"] == 1
+        assert 0 <= run["final"]["accuracy"] <= 1
+        assert run["command"].startswith(f"python -m vit_tutorial.train --model {arm.model} ")
+        for item in arm.model_args:
+            assert f"--model-arg '{item}'" in run["command"] or f"--model-arg {item}" in (
+                run["command"])
+    for record in result["arms"]:
+        assert record["parameters"] > 0 and record["forward_flops"] > 0
+
+
+def test_arms_differ_only_where_the_experiment_says():
+    def configs(name):
+        return [arm.config().to_dict() for arm in ex.EXPERIMENTS[name].arms]
+
+    def differing(dicts):
+        return {k for k in dicts[0] if len({json.dumps(d[k]) for d in dicts}) > 1}
+
+    assert differing(configs("pos_embed")) == {"pos_embed"}
+    assert differing(configs("pool")) == {"class_token", "pool"}
+    lrs = [dict(zip(a.train_args[::2], a.train_args[1::2], strict=True)).get("--lr", "1e-3")
+           for a in ex.EXPERIMENTS["pool"].arms]
+    assert lrs == ["1e-3", "1e-3", "3e-4", "3e-4"]
+    # T2T ablation: one backbone, three tokenizers, 49 tokens each
+    t2t = configs("t2t_tokenizer")
+    backbone = {"embed_dim", "depth", "num_heads", "mlp_ratio", "pos_embed", "qkv_bias",
+                "class_token", "pool", "norm_eps"} - {"norm_eps"}
+    assert not differing([{k: c[k] for k in backbone} for c in t2t])
+    assert [vt.ViTConfig.from_dict(c).grid_size for c in t2t] == [(7, 7)] * 3
+    # the budgets of the hybrid experiment: the same three for both models
+    arms = ex.EXPERIMENTS["hybrid_budget"].arms
+    assert sorted((a.epochs, a.model) for a in arms) == sorted(
+        (e, m) for e in (5, 15, 45) for m in ("vit_mini_patch4_28", "vit_mini_r26_s4_28"))
+
+
+def test_deep_narrow_and_shallow_wide_match_in_parameters():
+    deep, wide = (vt.count_parameters(vt.VisionTransformer(a.config()))
+                  for a in ex.EXPERIMENTS["deep_narrow"].arms)
+    assert abs(deep - wide) / deep < 0.05, (deep, wide)
+    d, w = (a.config() for a in ex.EXPERIMENTS["deep_narrow"].arms)
+    assert (d.depth, d.embed_dim) == (12, 192) and (w.depth, w.embed_dim) == (3, 384)
+
+
+def test_forward_flops_count_the_written_out_attention():
+    model = vt.create_model("vit_nano_patch4_28")
+    D, L, N, K = 64, 4, 50, 10  # 49 patches + the class token
+    per_block = 2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * 2 * D + 4 * N * N * D
+    patch = 2 * 49 * 16 * D  # the 4x4 patch projection
+    assert ex.forward_flops(model) == patch + L * per_block + 2 * D * K
+    assert all(m.fused for m in model.modules() if hasattr(m, "fused"))  # restored
+
+
+def test_unknown_experiment_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown experiment 'pos'; expected one of"):
+        ex.run_experiment("pos", out=tmp_path, quick=True)
+    with pytest.raises(SystemExit):
+        ex.main(["pos"])
+    assert "unknown experiments ['pos']" in capsys.readouterr().err
+    assert torch.is_tensor(_data()[0])

@@ -1,0 +1,327 @@
+"""The papers' experiments in miniature, on Fashion-MNIST (notebook 10).
+
+    python -m vit_tutorial.experiments pos_embed --jobs 8        # on a GPU: every arm x seed
+    python -m vit_tutorial.experiments pos_embed --quick         # every arm a few CPU steps
+    python -m vit_tutorial.experiments --list
+
+Each experiment tests one claim of the ViT paper (Dosovitskiy et al. 2020) or the T2T-ViT
+paper (Yuan et al. 2021). Its arms differ in one thing (a model setting or the learning
+rate); every arm trains for the same budget with the same recipe, once per seed. A run is
+an ordinary `python -m vit_tutorial.train` run (its `--model-arg` flags change the preset),
+so an interrupted experiment resumes: finished runs are kept, half-finished ones resume
+from their last epoch. `--jobs N` runs N of them side by side, which keeps one GPU busy
+with these small models. The results, with every run's command, per-epoch metrics, times
+and GPU, are written to `data/experiments/NAME.json` (no checkpoints); notebook 10 reads
+them. `--quick` trains every arm of one seed for one epoch of 32 images on the CPU and
+writes `NAME.quick.json` into `--out`: a test of the machinery, not a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import train as train_module
+from .checkpoint import atomic_write
+from .data import DATA_DIR
+from .presets import get_config
+from .utils import count_parameters
+from .vit import VisionTransformer
+
+__all__ = ["Arm", "Experiment", "EXPERIMENTS", "RECIPE", "run_experiment", "forward_flops",
+           "main"]
+
+# One recipe for every run: the shipped checkpoints' augmentation and regularisation, but
+# no mixup or CutMix (they slow the first epochs, and these budgets are short).
+RECIPE = ("--batch-size", "512", "--lr", "1e-3", "--min-lr", "1e-5", "--warmup", "2",
+          "--weight-decay", "0.05", "--drop-path", "0.1", "--crop-padding", "2",
+          "--erasing", "0.25", "--label-smoothing", "0.1")
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One setting of an experiment: a preset, its changes, and training flags of its own."""
+
+    name: str
+    model: str
+    model_args: tuple[str, ...] = ()  # --model-arg KEY=VALUE changes of the preset
+    train_args: tuple[str, ...] = ()  # flags after RECIPE (a later flag wins), e.g. --lr
+    epochs: int | None = None  # None: the experiment's budget
+
+    def config(self):
+        overrides = train_module.TrainConfig(model=self.model, out="-",
+                                             model_arg=self.model_args).model_overrides()
+        return get_config(self.model, **overrides)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    claim: str  # what the paper says, with where
+    arms: tuple[Arm, ...]
+    epochs: int  # the budget of every arm that does not set its own
+    seeds: tuple[int, ...] = SEEDS
+    notes: str = ""
+
+    def runs(self) -> list[tuple[Arm, int]]:
+        return [(arm, seed) for arm in self.arms for seed in self.seeds]
+
+
+MINI = "vit_mini_patch4_28"
+# The same backbone behind three tokenizers (T2T ablation): D = 192, 7 blocks, 3 heads, MLP
+# ratio 3, learned 1-D positions, q/k/v biases; 49 tokens for each.
+_BACKBONE = ("depth=7", "mlp_ratio=3.0", "pos_embed=learn", "qkv_bias=True")
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
+    Experiment(
+        name="pos_embed",
+        claim="ViT appendix D.4, Table 8: any position embedding beats none by a wide margin, "
+              "and the kinds of position embedding (1-D, 2-D, relative) differ little.",
+        arms=(
+            Arm("none", MINI, ("pos_embed=none",)),
+            Arm("learned 1-D", MINI, ("pos_embed=learn",)),
+            Arm("learned 2-D", MINI, ("pos_embed=learn2d",)),
+            Arm("relative", MINI, ("pos_embed=relative",)),
+            Arm("sin-cos 2-D", MINI, ("pos_embed=sincos2d",)),
+        ),
+        epochs=20,
+    ),
+    Experiment(
+        name="pool",
+        claim="ViT appendix D.3, Fig. 9: the class token and global average pooling reach the "
+              "same accuracy, but they need different learning rates: GAP at the class "
+              "token's learning rate does worse.",
+        arms=(
+            Arm("class token, lr 1e-3", MINI),
+            Arm("GAP, lr 1e-3", MINI, ("class_token=False", "pool=gap")),
+            Arm("class token, lr 3e-4", MINI, (), ("--lr", "3e-4")),
+            Arm("GAP, lr 3e-4", MINI, ("class_token=False", "pool=gap"), ("--lr", "3e-4")),
+        ),
+        epochs=20,
+        notes="1e-3 is the recipe's rate, tuned for the class-token model; 3e-4 keeps the "
+              "paper's ratio (8e-4 to 3e-4) between the two rates of Fig. 9.",
+    ),
+    Experiment(
+        name="hybrid_budget",
+        claim="ViT section 4.4, Fig. 5: for small training budgets hybrids beat pure ViTs of "
+              "the same compute; the gap closes as the budget grows.",
+        arms=tuple(
+            Arm(f"{kind}, {epochs} epochs", model, epochs=epochs)
+            for epochs in (5, 15, 45)
+            for kind, model in (("ViT", MINI), ("hybrid", "vit_mini_r26_s4_28"))
+        ),
+        epochs=15,
+        notes="Each arm's budget is its epochs; notebook 10 puts them on one axis of training "
+              "FLOPs (3 x forward FLOPs per image x images seen).",
+    ),
+    Experiment(
+        name="t2t_tokenizer",
+        claim="T2T-ViT section 4.3 (Table 6): in front of the same backbone, the T2T module "
+              "beats plain patches (and a convolutional stem).",
+        arms=(
+            Arm("patches 4x4", MINI, _BACKBONE),
+            Arm("convolutional stem", "vit_mini_r26_s4_28",
+                (*_BACKBONE, "hybrid_layers=(1, 1, 1)", "hybrid_width=16")),
+            Arm("T2T module", "t2t_vit_mini_28", _BACKBONE),
+        ),
+        epochs=20,
+    ),
+    Experiment(
+        name="deep_narrow",
+        claim="T2T-ViT section 3.2 and Table 7: at a similar parameter count a deep-narrow "
+              "backbone (more blocks, smaller width) beats a shallow-wide one.",
+        arms=(
+            Arm("deep-narrow: 12 blocks of 192", "t2t_vit_mini_28",
+                ("depth=12", "embed_dim=192", "num_heads=3")),
+            Arm("shallow-wide: 3 blocks of 384", "t2t_vit_mini_28",
+                ("depth=3", "embed_dim=384", "num_heads=6")),
+        ),
+        epochs=20,
+    ),
+]}
+
+
+@torch.no_grad()
+def forward_flops(model: VisionTransformer) -> int:
+    """FLOPs of one image's forward pass, a multiply-add counted as two.
+
+    The attention layers run their written-out path while counting: `FlopCounterMode`
+    cannot see inside the fused attention kernel on the CPU.
+    """
+    fused = [(m, m.fused) for m in model.modules() if hasattr(m, "fused")]
+    try:
+        for m, _ in fused:
+            m.fused = False
+        with FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, model.config.in_chans, *model.config.img_size))
+    finally:
+        for m, flag in fused:
+            m.fused = flag
+    return counter.get_total_flops()
+
+
+def _argv(exp: Experiment, arm: Arm, seed: int, out: Path, *, quick: bool,
+          extra: tuple[str, ...]) -> list[str]:
+    epochs = 1 if quick else arm.epochs or exp.epochs
+    argv = ["--model", arm.model, "--out", str(out), "--seed", str(seed),
+            "--epochs", str(epochs), *RECIPE, *arm.train_args]
+    for item in arm.model_args:
+        argv += ["--model-arg", item]
+    if quick:
+        argv += ["--limit-train", "32", "--limit-test", "32", "--batch-size", "16",
+                 "--warmup", "0", "--device", "cpu"]
+    return argv + ["--no-progress", *extra]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _run_folder(root: Path, exp: Experiment, arm: Arm, seed: int) -> Path:
+    return root / exp.name / _slug(arm.name) / f"seed{seed}"
+
+
+def _launch_all(jobs: list[tuple[list[str], Path]], n_parallel: int) -> None:
+    """Run `python -m vit_tutorial.train ARGV` for every job, n at a time; logs beside each."""
+    pending, running, failed = list(jobs), [], []
+    while pending or running:
+        while pending and len(running) < n_parallel:
+            argv, folder = pending.pop(0)
+            folder.mkdir(parents=True, exist_ok=True)
+            log = open(folder / "train.log", "a")
+            cmd = [sys.executable, "-m", "vit_tutorial.train", *argv]
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log,
+                            folder))
+            print(f"started {folder}", flush=True)
+        time.sleep(1.0)
+        for item in list(running):
+            proc, log, folder = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                print(f"finished {folder} (exit {proc.returncode})", flush=True)
+                if proc.returncode:
+                    failed.append(folder)
+    if failed:
+        raise RuntimeError(f"{len(failed)} runs failed; see train.log in {failed}")
+
+
+def _collect(folder: Path) -> dict:
+    meta = json.loads((folder / "metrics.json").read_text())
+    from .checkpoint import read_metadata
+
+    _, final = read_metadata(folder / "model.safetensors")
+    return {"history": meta, "final": {k: final.get(k) for k in (
+        "accuracy", "correct", "seconds", "wall_seconds", "device", "command")}}
+
+
+def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = False,
+                   seeds: tuple[int, ...] | None = None, results: str | Path | None = None,
+                   extra: tuple[str, ...] = (), command: str | None = None,
+                   data: tuple[torch.Tensor, ...] | None = None) -> Path:
+    """Run every arm x seed of experiment `name` and write its results JSON. Returns its path.
+
+    `data` (train images, labels, test images, labels) replaces Fashion-MNIST in runs made
+    in this process (`jobs=1`), as `train(..., data=)` does: the tests pass a short test split.
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; expected one of {tuple(EXPERIMENTS)}")
+    exp = EXPERIMENTS[name]
+    seeds = (exp.seeds[:1] if quick else exp.seeds) if seeds is None else tuple(seeds)
+    root = Path(out)
+    runs = [(arm, seed) for arm in exp.arms for seed in seeds]
+    plan = [(_argv(exp, arm, seed, _run_folder(root, exp, arm, seed), quick=quick, extra=extra),
+             _run_folder(root, exp, arm, seed)) for arm, seed in runs]
+    start = time.time()
+    if jobs <= 1:
+        for argv, _ in plan:
+            train_module.train(train_module.parse_args(argv), data=data)
+    else:
+        _launch_all(plan, jobs)
+    wall = time.time() - start
+
+    arms = []
+    for arm in exp.arms:
+        config = arm.config()
+        with torch.device("meta"):
+            params = count_parameters(VisionTransformer(config))
+        arms.append({
+            "name": arm.name, "model": arm.model, "model_args": list(arm.model_args),
+            "train_args": list(arm.train_args), "epochs": 1 if quick else arm.epochs or exp.epochs,
+            "parameters": params, "forward_flops": forward_flops(VisionTransformer(config)),
+            "config": config.to_dict(),
+        })
+    result = {
+        "experiment": exp.name, "claim": exp.claim, "notes": exp.notes, "quick": quick,
+        "command": command,
+        "recipe": list(RECIPE), "seeds": list(seeds), "jobs": jobs, "wall_seconds": round(wall, 1),
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not quick else None,
+        "arms": arms,
+        "runs": [{"arm": arm.name, "seed": seed,
+                  "command": "python -m vit_tutorial.train " + shlex.join(argv),
+                  **_collect(folder)}
+                 for (arm, seed), (argv, folder) in zip(runs, plan, strict=True)],
+    }
+    path = Path(results) if results else (
+        root / f"{name}.quick.json" if quick else DATA_DIR / "experiments" / f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=1) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vit_tutorial.experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"of {tuple(EXPERIMENTS)}")
+    p.add_argument("--list", action="store_true", help="list the experiments and their arms")
+    p.add_argument("--out", default="runs/experiments", help="folder for the runs")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (subprocesses)")
+    p.add_argument("--quick", action="store_true", help="one CPU epoch of 32 images per arm")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
+    p.add_argument("--results", help="the JSON to write (one experiment only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every run's model")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    if args.list or not args.names:
+        for exp in EXPERIMENTS.values():
+            print(f"{exp.name}: {exp.claim}")
+            for arm in exp.arms:
+                print(f"  {arm.name}: {arm.model} {' '.join(arm.model_args)} "
+                      f"{' '.join(arm.train_args)}".rstrip())
+        return 0
+    unknown = [n for n in args.names if n not in EXPERIMENTS]
+    if unknown:
+        p.error(f"unknown experiments {unknown}; expected some of {tuple(EXPERIMENTS)}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.results and len(args.names) > 1:
+        p.error("--results names one file: give one experiment")
+    extra = ("--compile",) if args.compile else ()
+    for name in args.names:
+        path = run_experiment(name, out=args.out, jobs=args.jobs, quick=args.quick,
+                              seeds=tuple(args.seeds) if args.seeds else None,
+                              results=args.results, extra=extra,
+                              command="python -m vit_tutorial.experiments " + shlex.join(argv))
+        print(f"wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
