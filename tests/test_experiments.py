@@ -95,3 +95,32 @@ def test_unknown_experiment_is_refused(tmp_path, capsys):
         ex.main(["pos"])
     assert "unknown experiments ['pos']" in capsys.readouterr().err
     assert torch.is_tensor(_data()[0])
+
+
+def _fake_result(accuracies: dict[str, list[float]]) -> dict:
+    return {"experiment": "fake", "arms": [{"name": n} for n in accuracies],
+            "runs": [{"arm": n, "seed": s, "final": {"accuracy": a}}
+                     for n, accs in accuracies.items() for s, a in enumerate(accs)]}
+
+
+def test_compare_counts_a_difference_only_beyond_two_standard_deviations():
+    result = _fake_result({"a": [0.90, 0.91, 0.92], "b": [0.87, 0.88, 0.89], "c": [0.70] * 3})
+    assert ex.final_accuracies(result) == {"a": [0.90, 0.91, 0.92], "b": [0.87, 0.88, 0.89],
+                                           "c": [0.70] * 3}
+    ab = ex.compare(result, "a", "b")
+    # means 0.91 and 0.88; both sample std 0.01, pooled 0.01: 0.03 is three of them
+    assert abs(ab["difference"] - 0.03) < 1e-12 and abs(ab["pooled_std"] - 0.01) < 1e-12
+    assert ab["resolved"] is True
+    near = ex.compare(_fake_result({"a": [0.90, 0.91, 0.92], "b": [0.895, 0.905, 0.915]}),
+                      "a", "b")
+    assert near["resolved"] is False  # 0.005 apart, spread 0.01
+    assert ex.compare(result, "a", "c")["resolved"] is True
+    with pytest.raises(ValueError, match=r"no arm 'd' in fake; arms: \['a', 'b', 'c'\]"):
+        ex.compare(result, "a", "d")
+    with pytest.raises(ValueError, match="has 1 run; a spread needs two"):
+        ex.compare(_fake_result({"a": [0.9], "b": [0.8, 0.7]}), "a", "b")
+
+
+def test_load_results_names_the_command_when_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m vit_tutorial.experiments pool"):
+        ex.load_results("pool", tmp_path)

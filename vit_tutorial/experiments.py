@@ -41,7 +41,7 @@ from .utils import count_parameters
 from .vit import VisionTransformer
 
 __all__ = ["Arm", "Experiment", "EXPERIMENTS", "RECIPE", "run_experiment", "forward_flops",
-           "main"]
+           "load_results", "final_accuracies", "compare", "main"]
 
 # One recipe for every run: the shipped checkpoints' augmentation and regularisation, but
 # no mixup or CutMix (they slow the first epochs, and these budgets are short).
@@ -173,9 +173,13 @@ def forward_flops(model: VisionTransformer) -> int:
     return counter.get_total_flops()
 
 
+def _epochs(exp: Experiment, arm: Arm, *, quick: bool, override: int | None) -> int:
+    return 1 if quick else override or arm.epochs or exp.epochs
+
+
 def _argv(exp: Experiment, arm: Arm, seed: int, out: Path, *, quick: bool,
-          extra: tuple[str, ...]) -> list[str]:
-    epochs = 1 if quick else arm.epochs or exp.epochs
+          extra: tuple[str, ...], epochs: int | None = None) -> list[str]:
+    epochs = _epochs(exp, arm, quick=quick, override=epochs)
     argv = ["--model", arm.model, "--out", str(out), "--seed", str(seed),
             "--epochs", str(epochs), *RECIPE, *arm.train_args]
     for item in arm.model_args:
@@ -231,11 +235,13 @@ def _collect(folder: Path) -> dict:
 def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = False,
                    seeds: tuple[int, ...] | None = None, results: str | Path | None = None,
                    extra: tuple[str, ...] = (), command: str | None = None,
-                   data: tuple[torch.Tensor, ...] | None = None) -> Path:
+                   data: tuple[torch.Tensor, ...] | None = None,
+                   epochs: int | None = None) -> Path:
     """Run every arm x seed of experiment `name` and write its results JSON. Returns its path.
 
     `data` (train images, labels, test images, labels) replaces Fashion-MNIST in runs made
     in this process (`jobs=1`), as `train(..., data=)` does: the tests pass a short test split.
+    `epochs` replaces every arm's budget (a trial of the machinery, not the experiment).
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {tuple(EXPERIMENTS)}")
@@ -243,8 +249,8 @@ def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = F
     seeds = (exp.seeds[:1] if quick else exp.seeds) if seeds is None else tuple(seeds)
     root = Path(out)
     runs = [(arm, seed) for arm in exp.arms for seed in seeds]
-    plan = [(_argv(exp, arm, seed, _run_folder(root, exp, arm, seed), quick=quick, extra=extra),
-             _run_folder(root, exp, arm, seed)) for arm, seed in runs]
+    plan = [(_argv(exp, arm, seed, _run_folder(root, exp, arm, seed), quick=quick, extra=extra,
+                   epochs=epochs), _run_folder(root, exp, arm, seed)) for arm, seed in runs]
     start = time.time()
     if jobs <= 1:
         for argv, _ in plan:
@@ -260,12 +266,14 @@ def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = F
             params = count_parameters(VisionTransformer(config))
         arms.append({
             "name": arm.name, "model": arm.model, "model_args": list(arm.model_args),
-            "train_args": list(arm.train_args), "epochs": 1 if quick else arm.epochs or exp.epochs,
+            "train_args": list(arm.train_args),
+            "epochs": _epochs(exp, arm, quick=quick, override=epochs),
             "parameters": params, "forward_flops": forward_flops(VisionTransformer(config)),
             "config": config.to_dict(),
         })
     result = {
         "experiment": exp.name, "claim": exp.claim, "notes": exp.notes, "quick": quick,
+        "epochs_override": epochs,
         "command": command,
         "recipe": list(RECIPE), "seeds": list(seeds), "jobs": jobs, "wall_seconds": round(wall, 1),
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
@@ -285,6 +293,41 @@ def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = F
     return path
 
 
+def load_results(name: str, folder: str | Path | None = None) -> dict:
+    """The results JSON of experiment `name` (from data/experiments/ unless `folder`)."""
+    path = Path(folder or DATA_DIR / "experiments") / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results for {name!r} at {path}; run "
+                                f"`python -m vit_tutorial.experiments {name}`")
+    return json.loads(path.read_text())
+
+
+def final_accuracies(result: dict) -> dict[str, list[float]]:
+    """arm name -> the final test accuracy (float32, all test images) of each seed's run."""
+    out = {arm["name"]: [] for arm in result["arms"]}
+    for run in result["runs"]:
+        out[run["arm"]].append(run["final"]["accuracy"])
+    return out
+
+
+def compare(result: dict, a: str, b: str) -> dict:
+    """Arm `a` against arm `b`: the difference of their mean accuracies, and whether it
+    counts. A difference under two standard deviations (of the seeds, pooled over the two
+    arms: sqrt((s_a^2 + s_b^2) / 2)) is no difference (`resolved` False)."""
+    acc = final_accuracies(result)
+    for name in (a, b):
+        if name not in acc:
+            raise ValueError(f"no arm {name!r} in {result['experiment']}; arms: {list(acc)}")
+        if len(acc[name]) < 2:
+            raise ValueError(f"arm {name!r} has {len(acc[name])} run; a spread needs two")
+    mean = {n: sum(acc[n]) / len(acc[n]) for n in (a, b)}
+    var = {n: sum((x - mean[n]) ** 2 for x in acc[n]) / (len(acc[n]) - 1) for n in (a, b)}
+    pooled = ((var[a] + var[b]) / 2) ** 0.5
+    diff = mean[a] - mean[b]
+    return {"a": a, "b": b, "mean_a": mean[a], "mean_b": mean[b], "difference": diff,
+            "pooled_std": pooled, "resolved": abs(diff) >= 2 * pooled}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vit_tutorial.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -296,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     p.add_argument("--results", help="the JSON to write (one experiment only)")
     p.add_argument("--compile", action="store_true", help="torch.compile every run's model")
+    p.add_argument("--epochs", type=int, help="replace every arm's budget (a trial run)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if args.list or not args.names:
@@ -316,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.names:
         path = run_experiment(name, out=args.out, jobs=args.jobs, quick=args.quick,
                               seeds=tuple(args.seeds) if args.seeds else None,
-                              results=args.results, extra=extra,
+                              results=args.results, extra=extra, epochs=args.epochs,
                               command="python -m vit_tutorial.experiments " + shlex.join(argv))
         print(f"wrote {path}", flush=True)
     return 0
