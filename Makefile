@@ -12,7 +12,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 PY_OK := import sys; sys.exit(sys.version_info < (3, 10))
 
 .PHONY: setup lab test unit checkpoints checkpoints-full nbval lint notebooks benchmark clean \
-	python-version
+	python-version test-lowest
 
 python-version:
 	@$(PYTHON) -c "$(PY_OK)" 2>/dev/null || { \
@@ -71,6 +71,10 @@ notebooks: setup
 	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
 	done
+
+# The unit tests on the lowest versions pyproject.toml allows, in .venv-lowest (about 4 GB).
+test-lowest:
+	bash .ci/lowest.sh
 
 benchmark: setup
 	$(BIN)/python benchmarks/throughput.py

@@ -42,6 +42,11 @@ def legend_texts(ax) -> list[str]:
     return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
+def suptitle(fig) -> str:
+    """The figure's title (Figure.get_suptitle exists only from matplotlib 3.8)."""
+    return fig._suptitle.get_text() if fig._suptitle is not None else ""
+
+
 def check_size(fig):
     assert fig.get_size_inches()[0] <= 10.0
     assert fig.dpi == matplotlib.rcParams["figure.dpi"]  # no dpi of our own
@@ -245,19 +250,19 @@ def test_attention_grid_list_of_maps_with_titles_and_no_image_column():
     plt.close(fig)
     fig = plots.attention_grid(images, maps[0])  # one array: one map column
     assert len(fig.axes) == 4 and fig.axes[1].get_title() == "attention"
-    assert fig.get_suptitle() == ""
+    assert suptitle(fig) == ""
     plt.close(fig)
 
 
 def test_attention_grid_title_sits_above_the_column_titles():
     fig = plots.attention_grid(torch.rand(2, 28, 28), {"rollout": torch.rand(2, 49)},
                                title="ViT Fig. 6")
-    assert fig.get_suptitle() == "ViT Fig. 6"
+    assert suptitle(fig) == "ViT Fig. 6"
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    suptitle = fig._suptitle.get_window_extent(renderer)
+    title_box = fig._suptitle.get_window_extent(renderer)
     column_title = fig.axes[1].title.get_window_extent(renderer)
-    assert suptitle.y0 >= column_title.y1  # no overlap
+    assert title_box.y0 >= column_title.y1  # no overlap
     plt.close(fig)
 
 
@@ -303,9 +308,9 @@ def test_position_similarity_grid_draws_every_tile_on_one_scale(grid):
             im = fig.axes[i * gw + j].images[0]
             np.testing.assert_allclose(im.get_array(), sim[i, j].double(), rtol=1e-6)
             assert im.get_cmap().name == "RdBu_r" and im.get_clim() == (-1.0, 1.0)
-    assert fig.get_supxlabel() == "input patch column"
-    assert fig.get_supylabel() == "input patch row"
-    assert fig.get_suptitle() == "Position embedding similarity"
+    assert fig._supxlabel.get_text() == "input patch column"  # get_supxlabel: mpl >= 3.8
+    assert fig._supylabel.get_text() == "input patch row"
+    assert suptitle(fig) == "Position embedding similarity"
     assert [fig.axes[i * gw].get_ylabel() for i in range(gh)] == [str(i) for i in range(gh)]
     assert [fig.axes[(gh - 1) * gw + j].get_xlabel() for j in range(gw)] == [
         str(j) for j in range(gw)
@@ -418,7 +423,7 @@ def test_filter_components_grey_centred_at_zero_with_explained_variance():
         assert im.get_cmap().name == "RdBu_r"
         assert ax.get_title() == f"PC {i + 1}: {100 * explained[i].item():.1f}%"
     assert fig.axes[4].get_title() == "PC 5: 1.2%"
-    assert "5 principal components" in fig.get_suptitle()
+    assert "5 principal components" in suptitle(fig)
     plt.close(fig)
 
 

@@ -97,7 +97,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
             Arm("relative", MINI, ("pos_embed=relative",)),
             Arm("sin-cos 2-D", MINI, ("pos_embed=sincos2d",)),
         ),
-        epochs=20,
+        epochs=10,
     ),
     Experiment(
         name="pool",
@@ -110,7 +110,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
             Arm("class token, lr 3e-4", MINI, (), ("--lr", "3e-4")),
             Arm("GAP, lr 3e-4", MINI, ("class_token=False", "pool=gap"), ("--lr", "3e-4")),
         ),
-        epochs=20,
+        epochs=10,
         notes="1e-3 is the recipe's rate, tuned for the class-token model; 3e-4 keeps the "
               "paper's ratio (8e-4 to 3e-4) between the two rates of Fig. 9.",
     ),
@@ -120,16 +120,16 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
               "the same compute; the gap closes as the budget grows.",
         arms=tuple(
             Arm(f"{kind}, {epochs} epochs", model, epochs=epochs)
-            for epochs in (5, 15, 45)
+            for epochs in (3, 9, 27)
             for kind, model in (("ViT", MINI), ("hybrid", "vit_mini_r26_s4_28"))
         ),
-        epochs=15,
+        epochs=9,
         notes="Each arm's budget is its epochs; notebook 10 puts them on one axis of training "
               "FLOPs (3 x forward FLOPs per image x images seen).",
     ),
     Experiment(
         name="t2t_tokenizer",
-        claim="T2T-ViT section 4.3 (Table 6): in front of the same backbone, the T2T module "
+        claim="T2T-ViT section 4.3 (ablation): in front of the same backbone, the T2T module "
               "beats plain patches (and a convolutional stem).",
         arms=(
             Arm("patches 4x4", MINI, _BACKBONE),
@@ -137,7 +137,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                 (*_BACKBONE, "hybrid_layers=(1, 1, 1)", "hybrid_width=16")),
             Arm("T2T module", "t2t_vit_mini_28", _BACKBONE),
         ),
-        epochs=20,
+        epochs=10,
     ),
     Experiment(
         name="deep_narrow",
@@ -149,7 +149,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
             Arm("shallow-wide: 3 blocks of 384", "t2t_vit_mini_28",
                 ("depth=3", "embed_dim=384", "num_heads=6")),
         ),
-        epochs=20,
+        epochs=10,
     ),
 ]}
 
@@ -232,32 +232,45 @@ def _collect(folder: Path) -> dict:
         "accuracy", "correct", "seconds", "wall_seconds", "device", "command")}}
 
 
+def plan_runs(name: str, *, out: str | Path, quick: bool = False,
+              seeds: tuple[int, ...] | None = None, extra: tuple[str, ...] = (),
+              epochs: int | None = None) -> list[tuple[list[str], Path]]:
+    """(train argv, run folder) of every arm x seed of experiment `name`."""
+    exp = EXPERIMENTS[name]
+    seeds = (exp.seeds[:1] if quick else exp.seeds) if seeds is None else tuple(seeds)
+    root = Path(out)
+    return [(_argv(exp, arm, seed, _run_folder(root, exp, arm, seed), quick=quick, extra=extra,
+                   epochs=epochs), _run_folder(root, exp, arm, seed))
+            for arm in exp.arms for seed in seeds]
+
+
 def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = False,
                    seeds: tuple[int, ...] | None = None, results: str | Path | None = None,
                    extra: tuple[str, ...] = (), command: str | None = None,
                    data: tuple[torch.Tensor, ...] | None = None,
-                   epochs: int | None = None) -> Path:
+                   epochs: int | None = None, launch: bool = True,
+                   wall_seconds: float | None = None) -> Path:
     """Run every arm x seed of experiment `name` and write its results JSON. Returns its path.
 
     `data` (train images, labels, test images, labels) replaces Fashion-MNIST in runs made
     in this process (`jobs=1`), as `train(..., data=)` does: the tests pass a short test split.
     `epochs` replaces every arm's budget (a trial of the machinery, not the experiment).
+    `launch=False` only collects runs made already (`plan_runs` in one shared pool, which
+    took `wall_seconds` for all its experiments together).
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {tuple(EXPERIMENTS)}")
     exp = EXPERIMENTS[name]
     seeds = (exp.seeds[:1] if quick else exp.seeds) if seeds is None else tuple(seeds)
-    root = Path(out)
     runs = [(arm, seed) for arm in exp.arms for seed in seeds]
-    plan = [(_argv(exp, arm, seed, _run_folder(root, exp, arm, seed), quick=quick, extra=extra,
-                   epochs=epochs), _run_folder(root, exp, arm, seed)) for arm, seed in runs]
+    plan = plan_runs(name, out=out, quick=quick, seeds=seeds, extra=extra, epochs=epochs)
     start = time.time()
-    if jobs <= 1:
+    if launch and jobs <= 1:
         for argv, _ in plan:
             train_module.train(train_module.parse_args(argv), data=data)
-    else:
+    elif launch:
         _launch_all(plan, jobs)
-    wall = time.time() - start
+    wall = time.time() - start if launch else wall_seconds
 
     arms = []
     for arm in exp.arms:
@@ -275,7 +288,9 @@ def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = F
         "experiment": exp.name, "claim": exp.claim, "notes": exp.notes, "quick": quick,
         "epochs_override": epochs,
         "command": command,
-        "recipe": list(RECIPE), "seeds": list(seeds), "jobs": jobs, "wall_seconds": round(wall, 1),
+        "recipe": list(RECIPE), "seeds": list(seeds), "jobs": jobs,
+        "wall_seconds": None if wall is None else round(wall, 1),
+        "shared_pool": None if launch else "every run of this command in one pool of --jobs",
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not quick else None,
@@ -286,7 +301,7 @@ def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = F
                  for (arm, seed), (argv, folder) in zip(runs, plan, strict=True)],
     }
     path = Path(results) if results else (
-        root / f"{name}.quick.json" if quick else DATA_DIR / "experiments" / f"{name}.json")
+        Path(out) / f"{name}.quick.json" if quick else DATA_DIR / "experiments" / f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -357,11 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.results and len(args.names) > 1:
         p.error("--results names one file: give one experiment")
     extra = ("--compile",) if args.compile else ()
+    seeds = tuple(args.seeds) if args.seeds else None
+    pooled = args.jobs > 1 and len(args.names) > 1
+    if pooled:  # every run of every named experiment in one pool: no wave waits for another
+        start = time.time()
+        _launch_all([job for name in args.names for job in plan_runs(
+            name, out=args.out, quick=args.quick, seeds=seeds, extra=extra, epochs=args.epochs)],
+            args.jobs)
+        pool_wall = time.time() - start
+        print(f"all runs done in {pool_wall:.0f} s", flush=True)
     for name in args.names:
-        path = run_experiment(name, out=args.out, jobs=args.jobs, quick=args.quick,
-                              seeds=tuple(args.seeds) if args.seeds else None,
+        path = run_experiment(name, out=args.out, jobs=args.jobs, quick=args.quick, seeds=seeds,
                               results=args.results, extra=extra, epochs=args.epochs,
-                              command="python -m vit_tutorial.experiments " + shlex.join(argv))
+                              command="python -m vit_tutorial.experiments " + shlex.join(argv),
+                              launch=not pooled, wall_seconds=pool_wall if pooled else None)
         print(f"wrote {path}", flush=True)
     return 0
 
