@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -120,10 +121,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
               "the same compute; the gap closes as the budget grows.",
         arms=tuple(
             Arm(f"{kind}, {epochs} epochs", model, epochs=epochs)
-            for epochs in (3, 9, 27)
+            for epochs in (2, 6, 18)
             for kind, model in (("ViT", MINI), ("hybrid", "vit_mini_r26_s4_28"))
         ),
-        epochs=9,
+        epochs=6,
         notes="Each arm's budget is its epochs; notebook 10 puts them on one axis of training "
               "FLOPs (3 x forward FLOPs per image x images seen).",
     ),
@@ -201,6 +202,19 @@ def _run_folder(root: Path, exp: Experiment, arm: Arm, seed: int) -> Path:
 def _launch_all(jobs: list[tuple[list[str], Path]], n_parallel: int) -> None:
     """Run `python -m vit_tutorial.train ARGV` for every job, n at a time; logs beside each."""
     pending, running, failed = list(jobs), [], []
+    try:
+        _pool_loop(pending, running, failed, n_parallel)
+    finally:  # interrupted (Ctrl+C, SIGTERM): stop the runs; each resumes from its last epoch
+        for proc, log, _ in running:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            log.close()
+    if failed:
+        raise RuntimeError(f"{len(failed)} runs failed; see train.log in {failed}")
+
+
+def _pool_loop(pending: list, running: list, failed: list, n_parallel: int) -> None:
     while pending or running:
         while pending and len(running) < n_parallel:
             argv, folder = pending.pop(0)
@@ -219,8 +233,6 @@ def _launch_all(jobs: list[tuple[list[str], Path]], n_parallel: int) -> None:
                 print(f"finished {folder} (exit {proc.returncode})", flush=True)
                 if proc.returncode:
                     failed.append(folder)
-    if failed:
-        raise RuntimeError(f"{len(failed)} runs failed; see train.log in {failed}")
 
 
 def _collect(folder: Path) -> dict:
@@ -390,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through _launch_all, which stops its runs
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())
