@@ -46,12 +46,12 @@ lint: setup
 	$(BIN)/ruff check .
 
 unit: setup
-	@echo "== unit: the package's tests (about 3-4 min)"
+	@echo "== unit: the package's tests (about 2-3 min)"
 	$(BIN)/pytest tests -q -m "not slow and not full"
 
 # Every shipped checkpoint run on the first 1,000 test images against its recorded logits.
 checkpoints: setup
-	@echo "== checkpoints: the four shipped models' logits on 1,000 test images against the recorded ones (about 1 min)"
+	@echo "== checkpoints: the four shipped models' logits on 1,000 test images against the recorded ones (under a minute)"
 	$(BIN)/pytest tests -q -m slow
 
 # Every shipped checkpoint re-counted on all 10,000 test images (not part of `make test`).
@@ -61,7 +61,7 @@ checkpoints-full: setup
 
 nbval: setup
 ifneq ($(NOTEBOOKS),)
-	@echo "== nbval: every notebook run top to bottom and compared with its saved outputs (about 8-9 min)"
+	@echo "== nbval: every notebook run top to bottom and compared with its saved outputs (about 5 min)"
 	$(BIN)/pytest --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
 endif
 
