@@ -120,6 +120,25 @@ def test_predict_under_bf16_autocast_is_close_to_float32(checkpoint):
     assert (fast.argmax(1) == exact.argmax(1)).float().mean() > 0.97
 
 
+def test_predict_reads_any_model_given_its_input_size(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    images = load_fashion_mnist("test")[0][:60]
+
+    class Wrapped(torch.nn.Module):  # no .config, as a learner's own model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    with pytest.raises(ValueError, match=r"Wrapped has no .config to read the input size "
+                                         r"from; pass img_size="):
+        predict(Wrapped(model), images)
+    torch.testing.assert_close(predict(Wrapped(model), images, img_size=28),
+                               predict(model, images))
+
+
 def test_confusion_matrix_rows_are_true_classes():
     target = torch.tensor([0, 0, 1, 2, 2, 2])
     pred = torch.tensor([0, 1, 1, 2, 0, 2])

@@ -319,6 +319,20 @@ def test_position_similarity_grid_draws_every_tile_on_one_scale(grid):
     plt.close(fig)
 
 
+def test_position_similarity_grid_fits_its_limits_to_the_data_when_asked():
+    sim = 0.5 + 0.4 * cosine_similarity_table(2, 3)  # in [0.1, 0.9]
+    fig = plots.position_similarity_grid(sim, limits=None)
+    lo, hi = float(sim.min()), float(sim.max())
+    assert all(ax.images[0].get_clim() == (lo, hi) for ax in fig.axes[:6])
+    plt.close(fig)
+    fig = plots.position_similarity_grid(sim, limits=(0.0, 1.0))
+    assert fig.axes[0].images[0].get_clim() == (0.0, 1.0)
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"limits must be \(low, high\) with low < high, "
+                                         r"got \(1.0, 0.0\)"):
+        plots.position_similarity_grid(sim, limits=(1.0, 0.0))
+
+
 def test_position_similarity_grid_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\(gh, gw, gh, gw\), got \(6, 6\)"):
         plots.position_similarity_grid(torch.rand(6, 6))

@@ -44,8 +44,12 @@ def predict(
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
     amp: bool = False,
+    img_size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Logits (N, num_classes) for uint8 images (N, 28, 28), computed batch by batch.
+
+    The images are resized to `img_size` (default: `model.config.img_size`, which every
+    model of the package has; give it for any other model, e.g. a CNN of your own).
 
     `batch_size` defaults to 50 on the CPU and 1000 elsewhere. Small batches are the fast
     ones on a CPU: 50 images keep each layer's activations in the caches, where 500 of them
@@ -64,7 +68,12 @@ def predict(
     device = torch.device(device)
     if batch_size is None:
         batch_size = 50 if device.type == "cpu" else 1000
-    img_size = model.config.img_size
+    if img_size is None:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise ValueError(f"{type(model).__name__} has no .config to read the input size "
+                             f"from; pass img_size=, e.g. img_size=28")
+        img_size = config.img_size
     out = []
     for i in range(0, len(images), batch_size):
         x = preprocess(images[i : i + batch_size].to(device), img_size)

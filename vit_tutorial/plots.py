@@ -349,18 +349,29 @@ def _as_similarity(sim) -> np.ndarray:
 
 
 def position_similarity_grid(
-    sim, *, title: str | None = None, cmap: str = SIMILARITY_CMAP, width: float = 7.0
+    sim,
+    *,
+    title: str | None = None,
+    cmap: str = SIMILARITY_CMAP,
+    width: float = 7.0,
+    limits: tuple[float, float] | None = (-1.0, 1.0),
 ) -> Figure:
     """ViT Fig. 7 (centre): tile (i, j) shows the cosine similarity of position (i, j)'s
     embedding with every position's.
 
     `sim`: (gh, gw, gh, gw) values in [-1, 1] (any grid, square or not). One shared colour
-    scale, `RdBu_r` with limits (-1, 1), and one colour bar. Rows and columns are numbered
+    scale, `RdBu_r` with `limits` (default (-1, 1), the cosine's range; None fits them to
+    the data's lowest and highest value, which shows the structure of a trained model whose
+    similarities never go far below 0), and one colour bar. Rows and columns are numbered
     from 0 as the tensor is indexed. The tiles are `fig.axes[:gh * gw]`, row-major, then
     the colour bar.
     """
     s = _as_similarity(sim)
     gh, gw = s.shape[:2]
+    if limits is None:
+        limits = (float(s.min()), float(s.max()))
+    elif len(limits) != 2 or not limits[0] < limits[1]:
+        raise ValueError(f"limits must be (low, high) with low < high, got {limits!r}")
     width = min(width, MAX_WIDTH)
     # Tiles span 74% of the width and 80% of the height; each tile is gh x gw pixels.
     height = min(max(0.74 * width * (gh / gw) ** 2 / 0.8, 3.0), 9.0)
@@ -374,7 +385,8 @@ def position_similarity_grid(
     for i in range(gh):
         for j in range(gw):
             ax = axes[i, j]
-            im = ax.imshow(s[i, j], cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest")
+            im = ax.imshow(s[i, j], cmap=cmap, vmin=limits[0], vmax=limits[1],
+                           interpolation="nearest")
             _no_ticks(ax)
             if j == 0:
                 ax.set_ylabel(str(i), rotation=0, ha="right", va="center")
