@@ -124,3 +124,52 @@ def test_compare_counts_a_difference_only_beyond_two_standard_deviations():
 def test_load_results_names_the_command_when_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m vit_tutorial.experiments pool"):
         ex.load_results("pool", tmp_path)
+
+
+def test_summarize_prints_each_arm_with_mean_std_and_seeds():
+    result = _fake_result({"a": [0.90, 0.91, 0.92], "bb": [0.87, 0.88, 0.89]})
+    result.update(claim="A claim.", seeds=[0, 1, 2])
+    for i, arm in enumerate(result["arms"]):
+        arm.update(parameters=1234567 + i, forward_flops=2.5e8, epochs=8)
+    lines = ex.summarize(result).splitlines()
+    assert lines[0] == "fake: A claim."
+    assert lines[1].startswith("arm ") and lines[1].endswith("(seeds 0, 1, 2)")
+    assert lines[2].split() == ["a", "1,234,567", "0.250", "8", "0.9100", "+-", "0.0100",
+                                "(0.9000,", "0.9100,", "0.9200)"]
+    assert lines[3].split()[:7] == ["bb", "1,234,568", "0.250", "8", "0.8800", "+-", "0.0100"]
+
+
+SHIPPED = [name for name in NAMES if (vt.data.DATA_DIR / "experiments" / f"{name}.json").exists()]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_results_hold_every_arm_and_seed_of_the_experiment(name):
+    """data/experiments/NAME.json is what `python -m vit_tutorial.experiments NAME` writes:
+    every arm x seed, each run as long as its arm's budget, its command that of the arm."""
+    exp, result = ex.EXPERIMENTS[name], ex.load_results(name)
+    assert not result["quick"] and result["epochs_override"] is None and result["gpu"]
+    assert result["seeds"] == list(exp.seeds) and result["recipe"] == list(ex.RECIPE)
+    assert result["command"].startswith("python -m vit_tutorial.experiments ")
+    assert name in result["command"].split()
+    assert [a["name"] for a in result["arms"]] == [a.name for a in exp.arms]
+    runs = {(r["arm"], r["seed"]): r for r in result["runs"]}
+    assert len(runs) == len(result["runs"]) == len(exp.arms) * len(exp.seeds)
+    for arm, record in zip(exp.arms, result["arms"], strict=True):
+        assert record["epochs"] == (arm.epochs or exp.epochs)
+        with torch.device("meta"):
+            assert record["parameters"] == vt.count_parameters(vt.VisionTransformer(arm.config()))
+        for seed in exp.seeds:
+            run = runs[arm.name, seed]
+            assert [e["epoch"] for e in run["history"]] == list(range(1, record["epochs"] + 1))
+            assert run["final"]["accuracy"] == run["final"]["correct"] / 10_000
+            assert run["command"].startswith(f"python -m vit_tutorial.train --model {arm.model} ")
+            assert f"--seed {seed} --epochs {record['epochs']} " in run["command"]
+            assert run["final"]["command"] == run["command"]
+
+
+@pytest.mark.skipif("pool" not in SHIPPED, reason="data/experiments/pool.json not shipped")
+def test_summary_flag_prints_the_shipped_results(capsys):
+    assert ex.main(["--summary", "pool"]) == 0
+    out = capsys.readouterr().out
+    assert out == ex.summarize(ex.load_results("pool")) + "\n\n"
+    assert out.startswith("pool: ViT appendix D.3")

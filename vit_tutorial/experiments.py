@@ -3,6 +3,7 @@
     python -m vit_tutorial.experiments pos_embed --jobs 8        # on a GPU: every arm x seed
     python -m vit_tutorial.experiments pos_embed --quick         # every arm a few CPU steps
     python -m vit_tutorial.experiments --list
+    python -m vit_tutorial.experiments --summary                 # the shipped results
 
 Each experiment tests one claim of the ViT paper (Dosovitskiy et al. 2020) or the T2T-ViT
 paper (Yuan et al. 2021). Its arms differ in one thing (a model setting or the learning
@@ -43,7 +44,7 @@ from .utils import count_parameters
 from .vit import VisionTransformer
 
 __all__ = ["Arm", "Experiment", "EXPERIMENTS", "RECIPE", "run_experiment", "forward_flops",
-           "load_results", "final_accuracies", "compare", "main"]
+           "load_results", "final_accuracies", "compare", "summarize", "main"]
 
 # One recipe for every run: the shipped checkpoints' augmentation and regularisation, but
 # no mixup or CutMix (they slow the first epochs, and these budgets are short).
@@ -356,11 +357,35 @@ def compare(result: dict, a: str, b: str) -> dict:
             "pooled_std": pooled, "resolved": abs(diff) >= 2 * pooled}
 
 
+def summarize(result: dict) -> str:
+    """A table of one experiment's results: per arm its parameters, forward GFLOPs per
+    image, epochs, and the final accuracy's mean and sample standard deviation over the
+    seeds, then each seed's accuracy."""
+    acc = final_accuracies(result)
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    width = max(len(a["name"]) for a in result["arms"])
+    lines = [f"{result['experiment']}: {result['claim']}",
+             f"{'arm':{width}s}  parameters  GFLOPs  epochs  accuracy, mean +- std  "
+             f"(seeds {seeds})"]
+    for arm in result["arms"]:
+        values = acc[arm["name"]]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(
+            values) > 1 else float("nan")
+        lines.append(f"{arm['name']:{width}s}  {arm['parameters']:10,d}  "
+                     f"{arm['forward_flops'] / 1e9:6.3f}  {arm['epochs']:6d}  "
+                     f"{mean:.4f} +- {std:.4f}       "
+                     f"({', '.join(f'{v:.4f}' for v in values)})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vit_tutorial.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", metavar="NAME", help=f"of {tuple(EXPERIMENTS)}")
     p.add_argument("--list", action="store_true", help="list the experiments and their arms")
+    p.add_argument("--summary", action="store_true",
+                   help="print the results in data/experiments/ (of NAMEs, default all)")
     p.add_argument("--out", default="runs/experiments", help="folder for the runs")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (subprocesses)")
     p.add_argument("--quick", action="store_true", help="one CPU epoch of 32 images per arm")
@@ -370,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="replace every arm's budget (a trial run)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in EXPERIMENTS]
+    if unknown:
+        p.error(f"unknown experiments {unknown}; expected some of {tuple(EXPERIMENTS)}")
+    if args.summary:
+        for name in args.names or EXPERIMENTS:
+            print(summarize(load_results(name)), end="\n\n")
+        return 0
     if args.list or not args.names:
         for exp in EXPERIMENTS.values():
             print(f"{exp.name}: {exp.claim}")
@@ -377,9 +409,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {arm.name}: {arm.model} {' '.join(arm.model_args)} "
                       f"{' '.join(arm.train_args)}".rstrip())
         return 0
-    unknown = [n for n in args.names if n not in EXPERIMENTS]
-    if unknown:
-        p.error(f"unknown experiments {unknown}; expected some of {tuple(EXPERIMENTS)}")
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.results and len(args.names) > 1:
