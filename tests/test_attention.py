@@ -128,3 +128,31 @@ def test_both_paths_use_the_module_scale():
     assert not torch.allclose(written_out, default, atol=1e-3)
     q, k, _ = mha.qkv(x).reshape(2, 6, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
     torch.testing.assert_close(weights, torch.softmax(0.05 * q @ k.transpose(-2, -1), dim=-1))
+
+
+def test_logit_bias_is_called_with_the_query_and_the_scale_and_added():
+    # The contract of `logit_bias` (relative position embeddings use it): called once per
+    # forward as logit_bias(q, scale) with q (B, H, N, Dh), it returns (B, H, N, N) logits.
+    class QueryBias(torch.nn.Module):
+        def forward(self, q, scale):
+            self.seen = (q.shape, scale)
+            return scale * q.sum(-1, keepdim=True).expand(*q.shape[:-1], q.shape[-2])
+
+    D, H, N = 12, 3, 5
+    mha = MultiHeadAttention(D, num_heads=H, logit_bias=QueryBias()).eval()
+    x = torch.randn(2, N, D)
+    q, k, _ = mha.qkv(x).reshape(2, N, 3, H, 4).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = 0.5 * q.sum(-1, keepdim=True).expand(2, H, N, N)  # (B, H, N, N)
+    out, weights = mha(x, return_attention=True)
+    assert mha.logit_bias.seen == ((2, H, N, 4), 0.5)
+    torch.testing.assert_close(weights, torch.softmax(q @ k.transpose(-2, -1) * 0.5 + bias, -1))
+    torch.testing.assert_close(mha(x), out, atol=1e-5, rtol=1e-5)  # the fused path
+
+
+def test_projection_dropout_acts_in_training_only():
+    mha = MultiHeadAttention(16, num_heads=2, proj_drop=0.5)
+    x = torch.randn(2, 6, 16)
+    torch.manual_seed(0)
+    out = mha.train()(x)
+    assert 0.3 < (out == 0).float().mean() < 0.7  # half of U_msa's outputs dropped
+    assert not (mha.eval()(x) == 0).any()

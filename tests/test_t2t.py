@@ -19,6 +19,7 @@ from vit_tutorial.t2t import (
     restructurize,
     soft_split,
     split_grid,
+    stage_grids,
 )
 
 PAPER_KERNELS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
@@ -92,6 +93,8 @@ def test_fashion_mnist_schedule_gives_49_tokens(token_type):
     )
     assert t2t.stage_grids == ((14, 14), (7, 7), (7, 7))
     assert t2t.grid_size == (7, 7) and t2t.num_patches == 49
+    assert (t2t.img_size, t2t.in_chans, t2t.embed_dim, t2t.token_dim, t2t.token_type) == (
+        (28, 28), 1, 48, 64, token_type)
     assert t2t.attention1.norm1.normalized_shape == (1 * 5 * 5,)
     assert t2t(torch.randn(3, 1, 28, 28)).shape == (3, 49, 48)
 
@@ -107,6 +110,14 @@ def test_non_square_images(token_type):
     assert tokens.shape == (2, 6, 24)
     assert [s.shape[1] for s in stages] == [96, 24, 6]
     assert restructurize(stages[0], t2t.stage_grids[0]).shape == (2, 8, 8, 12)
+    assert "grids 32x48 -> 8x12 -> 4x6 -> 2x3" in repr(t2t)  # rows before columns
+
+
+def test_kernels_given_as_lists_become_triples():
+    kernels = [[5, 2, 2], [3, 2, 1], [3, 1, 1]]
+    t2t = T2TModule(img_size=28, in_chans=1, embed_dim=8, token_dim=4, kernels=kernels)
+    assert t2t.kernels == ((5, 2, 2), (3, 2, 1), (3, 1, 1))
+    assert stage_grids(28, [[5, 2, 2]]) == stage_grids((28, 28), ((5, 2, 2),)) == ((14, 14),)
 
 
 def t2t_by_hand(t2t: T2TModule, x: torch.Tensor, kernels) -> list[torch.Tensor]:
@@ -351,6 +362,18 @@ def test_performer_layer_written_out():
     mlp = layer.mlp
     expected = y + mlp[2](F.gelu(mlp[0](layer.norm2(y))))
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_performer_dropout_acts_on_the_projection_in_training_only():
+    layer = TokenPerformer(10, 16, dropout=0.5)
+    x = torch.randn(2, 7, 10)
+    torch.manual_seed(0)
+    trained = layer.train().attention(x)
+    layer.eval()
+    assert not torch.allclose(trained, layer.attention(x))
+    v = layer.kqv(x).split(16, dim=-1)[2]
+    # dropout zeroes about half of proj(y), leaving the skip v alone in those places
+    assert 0.3 < (trained == v).float().mean() < 0.7
 
 
 def test_performer_runs_in_bfloat16_with_float32_features():
