@@ -173,3 +173,14 @@ def test_summary_flag_prints_the_shipped_results(capsys):
     out = capsys.readouterr().out
     assert out == ex.summarize(ex.load_results("pool")) + "\n\n"
     assert out.startswith("pool: ViT appendix D.3")
+
+
+def test_epoch_accuracies_are_each_runs_logged_curve_in_seed_order():
+    result = _fake_result({"a": [0.5, 0.6], "b": [0.7, 0.8]})
+    for run in result["runs"]:
+        run["history"] = [{"epoch": e, "test_acc": run["final"]["accuracy"] - 0.1 * (2 - e)}
+                          for e in (1, 2)]
+    curves = ex.epoch_accuracies(result)
+    assert list(curves) == ["a", "b"]
+    assert curves["a"] == [[0.4, 0.5], [0.5, 0.6]]
+    assert [c[-1] for c in curves["b"]] == [0.7, 0.8]

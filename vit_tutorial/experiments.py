@@ -44,7 +44,8 @@ from .utils import count_parameters
 from .vit import VisionTransformer
 
 __all__ = ["Arm", "Experiment", "EXPERIMENTS", "RECIPE", "run_experiment", "forward_flops",
-           "load_results", "final_accuracies", "compare", "summarize", "main"]
+           "load_results", "final_accuracies", "epoch_accuracies", "compare", "summarize",
+           "main"]
 
 # One recipe for every run: the shipped checkpoints' augmentation and regularisation, but
 # no mixup or CutMix (they slow the first epochs, and these budgets are short).
@@ -176,6 +177,10 @@ def forward_flops(model: VisionTransformer) -> int:
     return counter.get_total_flops()
 
 
+def _seeds(exp: Experiment, *, quick: bool, seeds: tuple[int, ...] | None) -> tuple[int, ...]:
+    return (exp.seeds[:1] if quick else exp.seeds) if seeds is None else tuple(seeds)
+
+
 def _epochs(exp: Experiment, arm: Arm, *, quick: bool, override: int | None) -> int:
     return 1 if quick else override or arm.epochs or exp.epochs
 
@@ -251,7 +256,7 @@ def plan_runs(name: str, *, out: str | Path, quick: bool = False,
               epochs: int | None = None) -> list[tuple[list[str], Path]]:
     """(train argv, run folder) of every arm x seed of experiment `name`."""
     exp = EXPERIMENTS[name]
-    seeds = (exp.seeds[:1] if quick else exp.seeds) if seeds is None else tuple(seeds)
+    seeds = _seeds(exp, quick=quick, seeds=seeds)
     root = Path(out)
     return [(_argv(exp, arm, seed, _run_folder(root, exp, arm, seed), quick=quick, extra=extra,
                    epochs=epochs), _run_folder(root, exp, arm, seed))
@@ -275,7 +280,7 @@ def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = F
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {tuple(EXPERIMENTS)}")
     exp = EXPERIMENTS[name]
-    seeds = (exp.seeds[:1] if quick else exp.seeds) if seeds is None else tuple(seeds)
+    seeds = _seeds(exp, quick=quick, seeds=seeds)
     runs = [(arm, seed) for arm in exp.arms for seed in seeds]
     plan = plan_runs(name, out=out, quick=quick, seeds=seeds, extra=extra, epochs=epochs)
     start = time.time()
@@ -289,13 +294,12 @@ def run_experiment(name: str, *, out: str | Path, jobs: int = 1, quick: bool = F
     arms = []
     for arm in exp.arms:
         config = arm.config()
-        with torch.device("meta"):
-            params = count_parameters(VisionTransformer(config))
+        model = VisionTransformer(config)
         arms.append({
             "name": arm.name, "model": arm.model, "model_args": list(arm.model_args),
             "train_args": list(arm.train_args),
             "epochs": _epochs(exp, arm, quick=quick, override=epochs),
-            "parameters": params, "forward_flops": forward_flops(VisionTransformer(config)),
+            "parameters": count_parameters(model), "forward_flops": forward_flops(model),
             "config": config.to_dict(),
         })
     result = {
@@ -339,6 +343,23 @@ def final_accuracies(result: dict) -> dict[str, list[float]]:
     return out
 
 
+def epoch_accuracies(result: dict) -> dict[str, list[list[float]]]:
+    """arm name -> one list per seed's run of the test accuracy logged after every epoch
+    (under bf16 autocast on a GPU): the learning curves."""
+    out = {arm["name"]: [] for arm in result["arms"]}
+    for run in result["runs"]:
+        out[run["arm"]].append([epoch["test_acc"] for epoch in run["history"]])
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (n - 1; NaN for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
 def compare(result: dict, a: str, b: str) -> dict:
     """Arm `a` against arm `b`: the difference of their mean accuracies, and whether it
     counts. A difference under two standard deviations (of the seeds, pooled over the two
@@ -349,11 +370,10 @@ def compare(result: dict, a: str, b: str) -> dict:
             raise ValueError(f"no arm {name!r} in {result['experiment']}; arms: {list(acc)}")
         if len(acc[name]) < 2:
             raise ValueError(f"arm {name!r} has {len(acc[name])} run; a spread needs two")
-    mean = {n: sum(acc[n]) / len(acc[n]) for n in (a, b)}
-    var = {n: sum((x - mean[n]) ** 2 for x in acc[n]) / (len(acc[n]) - 1) for n in (a, b)}
-    pooled = ((var[a] + var[b]) / 2) ** 0.5
-    diff = mean[a] - mean[b]
-    return {"a": a, "b": b, "mean_a": mean[a], "mean_b": mean[b], "difference": diff,
+    (mean_a, std_a), (mean_b, std_b) = _mean_std(acc[a]), _mean_std(acc[b])
+    pooled = ((std_a**2 + std_b**2) / 2) ** 0.5
+    diff = mean_a - mean_b
+    return {"a": a, "b": b, "mean_a": mean_a, "mean_b": mean_b, "difference": diff,
             "pooled_std": pooled, "resolved": abs(diff) >= 2 * pooled}
 
 
@@ -369,9 +389,7 @@ def summarize(result: dict) -> str:
              f"(seeds {seeds})"]
     for arm in result["arms"]:
         values = acc[arm["name"]]
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(
-            values) > 1 else float("nan")
+        mean, std = _mean_std(values)
         lines.append(f"{arm['name']:{width}s}  {arm['parameters']:10,d}  "
                      f"{arm['forward_flops'] / 1e9:6.3f}  {arm['epochs']:6d}  "
                      f"{mean:.4f} +- {std:.4f}       "
